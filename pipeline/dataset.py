@@ -1,0 +1,99 @@
+"""The prepared-corpus format shared by every model (written by `prepare`).
+
+    data/prepared/<corpus>/
+        vocab.json            vocabulary (id order), specials, counts, OOV rates
+        train.npy valid.npy test.npy
+                              flat token-id arrays (uint16, or uint32 for vocabularies
+                              over 65,535 types); every line ends with the <eos> id
+
+One vocabulary per corpus, from the training split only. `<unk>` is an ordinary
+item of it, and <eos> is predicted and counted like any other token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_path, write_json
+
+EOS = "<eos>"
+UNK = "<unk>"
+VOCAB_FILE = "vocab.json"
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    if vocab_size <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if vocab_size <= np.iinfo(np.uint32).max:
+        return np.dtype(np.uint32)
+    raise ValueError(f"vocabulary of {vocab_size} types does not fit a uint32 token id")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    tokens: tuple[str, ...]
+    level: str  # "word" or "char"
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokens.index(EOS)
+
+    @property
+    def unk_id(self) -> int:
+        return self.tokens.index(UNK)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def digest(self) -> str:
+        """Identifies the vocabulary: checkpoints and metrics carry it."""
+        return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
+
+    def decode(self, ids: np.ndarray | list[int]) -> str:
+        sep = "" if self.level == "char" else " "
+        out = []
+        for i in ids:
+            tok = self.tokens[int(i)]
+            out.append("\n" if tok == EOS else tok)
+        return sep.join(out).replace(" \n ", "\n").replace(" \n", "\n")
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    folder: Path
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.folder / VOCAB_FILE).read_text(encoding="utf-8"))
+
+    def vocabulary(self) -> Vocabulary:
+        meta = self.meta
+        return Vocabulary(tuple(meta["tokens"]), meta["level"])
+
+    def ids(self, split: str) -> np.ndarray:
+        return np.load(self.folder / f"{split}.npy", mmap_mode="r")
+
+    def sentences(self, split: str) -> Iterator[np.ndarray]:
+        """Yield each line's ids without its <eos> (for sentence-level n-gram scoring)."""
+        ids = np.asarray(self.ids(split))
+        ends = np.flatnonzero(ids == self.vocabulary().eos_id)
+        start = 0
+        for end in ends:
+            yield ids[start:end]
+            start = end + 1
+
+
+def write_split(folder: Path, split: str, ids: np.ndarray) -> None:
+    with atomic_path(folder / f"{split}.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, ids)
+
+
+def write_vocab(folder: Path, meta: dict) -> None:
+    write_json(folder / VOCAB_FILE, meta)

@@ -1,0 +1,114 @@
+"""KenLM's command-line tools: where they live, and how they are built once.
+
+The `kenlm` package on PyPI (an sdist) compiles only the Python scoring module.
+The estimator `lmplz` and the converter `build_binary` are compiled here from the
+very same sdist, so that estimation and scoring come from one KenLM version.
+The build is cached per machine (about a minute on 2 cores) and reused by every
+checkout and every run.
+
+    python -m pipeline.kenlm_tools          # build if missing, print the bin folder
+
+Location: $LMB_KENLM_DIR, else ~/.cache/lm-baselines/kenlm-<version>.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+KENLM_VERSION = "0.3.0"
+TOOLS = ("lmplz", "build_binary")
+# Debian packages the C++ build needs; the Makefile installs them when run as root.
+DEBIAN_PACKAGES = (
+    "libboost-program-options-dev libboost-system-dev libboost-thread-dev "
+    "libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev"
+)
+
+
+class KenLMToolsMissing(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "lm-baselines" / f"kenlm-{KENLM_VERSION}"
+    return Path(os.environ.get("LMB_KENLM_DIR", default))
+
+
+def tool_path(name: str) -> Path:
+    """Absolute path of a built KenLM tool, or a clear error saying how to build it."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown KenLM tool {name!r}; expected one of {TOOLS}")
+    path = cache_dir() / "bin" / name
+    if not os.access(path, os.X_OK):
+        raise KenLMToolsMissing(
+            f"KenLM's {name} was not found at {path}. Build it once with "
+            "`make kenlm` (or `python -m pipeline.kenlm_tools`); set LMB_KENLM_DIR "
+            "to use another build folder."
+        )
+    return path
+
+
+def is_built() -> bool:
+    return all(os.access(cache_dir() / "bin" / t, os.X_OK) for t in TOOLS)
+
+
+def build(jobs: int | None = None) -> Path:
+    """Compile lmplz and build_binary from the kenlm sdist into cache_dir()/bin."""
+    bin_dir = cache_dir() / "bin"
+    if is_built():
+        return bin_dir
+    for exe in ("cmake", "make", "c++"):
+        if shutil.which(exe) is None:
+            raise KenLMToolsMissing(f"building KenLM needs `{exe}` on PATH")
+    if not Path("/usr/include/boost/program_options.hpp").exists():
+        raise KenLMToolsMissing(
+            "building KenLM needs the Boost headers; install the Debian packages: "
+            f"apt-get install {DEBIAN_PACKAGES}"
+        )
+    jobs = jobs or os.cpu_count() or 1
+    bin_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kenlm-build-", dir=bin_dir.parent) as tmp:
+        work = Path(tmp)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--no-binary", ":all:", f"kenlm=={KENLM_VERSION}", "-d", str(work)],
+            check=True,
+        )
+        (sdist,) = work.glob("kenlm-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        source = work / f"kenlm-{KENLM_VERSION}"
+        build_dir = source / "build"
+        build_dir.mkdir()
+        # KENLM_MAX_ORDER=6 matches the Python module's default, so every binary
+        # that build_binary writes can be loaded by `kenlm.Model`.
+        subprocess.run(
+            ["cmake", "..", "-DCMAKE_BUILD_TYPE=Release", "-DKENLM_MAX_ORDER=6"],
+            cwd=build_dir, check=True, stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            ["make", f"-j{jobs}", *TOOLS], cwd=build_dir, check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        staged = work / "bin"
+        staged.mkdir()
+        for tool in TOOLS:
+            shutil.copy2(build_dir / "bin" / tool, staged / tool)
+        # Rename into place last: a half-finished build never looks finished.
+        if bin_dir.exists():
+            shutil.rmtree(bin_dir)
+        staged.rename(bin_dir)
+    return bin_dir
+
+
+def main() -> None:
+    print(build())
+
+
+if __name__ == "__main__":
+    main()
