@@ -1,0 +1,153 @@
+"""Stage `leaderboard`: every model's metrics file -> one table per corpus.
+
+    python -m pipeline.leaderboard --metrics-dir reports/metrics \
+        --out-md reports/leaderboard.md --out-csv reports/leaderboard.csv \
+        --out-json reports/leaderboard.json
+
+Which rows exist is decided by the params that decide which models are built
+(`corpora`, `ngram.orders`): a metrics file left behind by a model no longer
+configured is ignored, and a configured model without one is an error. Rows are sorted by test perplexity. The token counts of all models of a corpus
+must agree (the perplexity contract); a disagreement fails the stage rather than
+publishing numbers that are not comparable. leaderboard.json is declared as DVC
+metrics, so `dvc metrics show` and `dvc exp show` list every test perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.atomic import write_json, write_text
+from pipeline.params import load_section, read_params
+from pipeline.references import reference_for
+
+COLUMNS = [
+    "corpus", "model", "description", "size", "size_unit", "valid_ppl", "test_ppl",
+    "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "device",
+    "ref_valid_ppl", "ref_test_ppl", "test_ppl_minus_ref", "ref_description", "ref_source",
+]
+SCORING_NOTE = (
+    "Perplexity = exp(total NLL / tokens) over the whole split, every end of sentence "
+    "predicted and counted. N-grams score each sentence from KenLM's `<s>` context; "
+    "neural models read each split as one stream with their state carried across batches."
+)
+
+
+class LeaderboardError(RuntimeError):
+    pass
+
+
+def expected_models() -> dict[str, list[str]]:
+    """corpus -> model names, from the params that define which stages exist."""
+    from pipeline.ngram import NgramParams, model_name
+
+    ngram = load_section("ngram", NgramParams)
+    corpora = read_params().get("corpora") or []
+    return {corpus: [model_name(order) for order in ngram.orders] for corpus in corpora}
+
+
+def load_metrics(metrics_dir: Path, models: dict[str, list[str]]) -> pd.DataFrame:
+    rows = []
+    for corpus, names in models.items():
+        for name in names:
+            path = metrics_dir / corpus / f"{name}.json"
+            if not path.exists():
+                raise LeaderboardError(f"{corpus}/{name} is configured but {path} is missing")
+            rows.append(json.loads(path.read_text(encoding="utf-8")))
+    if not rows:
+        raise LeaderboardError("no models configured: params `corpora` is empty")
+    return pd.DataFrame(rows)
+
+
+def build_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    for corpus, group in metrics.groupby("corpus"):
+        for split in ("valid", "test"):
+            counts = group.set_index("model")[f"{split}_tokens"]
+            if counts.nunique() != 1:
+                raise LeaderboardError(
+                    f"{corpus}: {split} token counts differ between models "
+                    f"({counts.to_dict()}); their perplexities are not comparable"
+                )
+    table = metrics.copy()
+    refs = [reference_for(c, m) for c, m in zip(table["corpus"], table["model"], strict=True)]
+    table["ref_valid_ppl"] = [r.valid if r else None for r in refs]
+    table["ref_test_ppl"] = [r.test if r else None for r in refs]
+    table["ref_description"] = [r.description if r else "" for r in refs]
+    table["ref_source"] = [r.source if r else "" for r in refs]
+    table["test_ppl_minus_ref"] = (table["test_ppl"] - table["ref_test_ppl"]).round(2)
+    for column in COLUMNS:
+        if column not in table:
+            table[column] = None
+    return (table[COLUMNS].sort_values(["corpus", "test_ppl"], kind="stable")
+            .reset_index(drop=True))
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def render_markdown(table: pd.DataFrame) -> str:
+    out = ["# Leaderboard", "", SCORING_NOTE, ""]
+    for corpus, group in table.groupby("corpus", sort=False):
+        char = group["test_bpc"].notna().any()
+        out += [f"## {corpus}", ""]
+        header = ["model", "size", "valid ppl", "test ppl"]
+        header += ["test bpc"] if char else []
+        header += ["tokens (valid / test)", "train time (s)", "published test ppl (source)",
+                   "ours - published"]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in group.itertuples():
+            size = f"{_fmt(int(row.size))} {row.size_unit}" if pd.notna(row.size) else ""
+            ref = (f"{_fmt(row.ref_test_ppl, 1)} ({row.ref_description}; {row.ref_source})"
+                   if pd.notna(row.ref_test_ppl) else "")
+            cells = [row.model, size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
+            cells += [_fmt(row.test_bpc, 3)] if char else []
+            cells += [f"{_fmt(int(row.valid_tokens))} / {_fmt(int(row.test_tokens))}",
+                      _fmt(row.train_seconds, 1), ref, _fmt(row.test_ppl_minus_ref)]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def dvc_metrics(table: pd.DataFrame) -> dict:
+    """{corpus: {model: {valid_ppl, test_ppl}}}: the shape `dvc metrics show` flattens."""
+    nested: dict = {}
+    for row in table.itertuples():
+        nested.setdefault(row.corpus, {})[row.model] = {
+            "valid_ppl": row.valid_ppl, "test_ppl": row.test_ppl}
+    return nested
+
+
+def make_leaderboard(metrics_dir: Path, models: dict[str, list[str]], out_md: Path,
+                     out_csv: Path, out_json: Path) -> pd.DataFrame:
+    table = build_table(load_metrics(metrics_dir, models))
+    write_text(out_csv, table.to_csv(index=False))
+    write_text(out_md, render_markdown(table))
+    write_json(out_json, dvc_metrics(table))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--metrics-dir", required=True, type=Path)
+    parser.add_argument("--out-md", required=True, type=Path)
+    parser.add_argument("--out-csv", required=True, type=Path)
+    parser.add_argument("--out-json", required=True, type=Path)
+    args = parser.parse_args(argv)
+    table = make_leaderboard(args.metrics_dir, expected_models(), args.out_md, args.out_csv,
+                             args.out_json)
+    print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]
+          .to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

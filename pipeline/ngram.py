@@ -1,0 +1,209 @@
+"""Stage `ngram`: a modified Kneser-Ney n-gram of one order on one corpus, via KenLM.
+
+    python -m pipeline.ngram --corpus ptb --order 5 --data data/prepared/ptb \
+        --model models/ptb/kn5.bin --metrics reports/metrics/ptb/kn5.json
+
+lmplz estimates the model from the prepared training ids, build_binary converts
+the ARPA to KenLM's binary format, and the `kenlm` module scores valid and test
+sentence by sentence (each sentence starts from KenLM's <s> context; its </s> is
+our <eos>, predicted and counted). Tokens are handed to KenLM as `t<id>`: the
+same vocabulary as every other model, with no whitespace or `<unk>` clashes
+(KenLM reserves the literal `<unk>`), for word and character corpora alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import tracking
+from pipeline.atomic import atomic_path, write_json
+from pipeline.dataset import PreparedCorpus
+from pipeline.kenlm_tools import KENLM_VERSION, tool_path
+from pipeline.params import load_section, require
+from pipeline.perplexity import SplitScore
+
+EVAL_SPLITS = ("valid", "test")
+
+
+class NgramError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class NgramParams:
+    orders: tuple[int, ...]
+    discount_fallback: tuple[str, ...]  # corpora opted in to KenLM's fallback discounts
+    memory: str  # lmplz -S, e.g. "1G" or "20%"
+
+    def validate(self, key: str) -> None:
+        # kenlm.Model loads orders 2..6 (an order-1 ARPA is refused; 6 is its compiled maximum)
+        for order in self.orders:
+            require(2 <= order <= 6, f"{key}.orders", f"each order must be 2..6, got {order}")
+        require(bool(re.fullmatch(r"\d+[%bKMGT]?", self.memory)), f"{key}.memory",
+                f"expected a size like 1G or 20%, got {self.memory!r}")
+
+
+def model_name(order: int) -> str:
+    return f"kn{order}"
+
+
+def kenlm_word(token_id: int) -> str:
+    return f"t{token_id}"
+
+
+def kenlm_sentence(ids: np.ndarray) -> str:
+    return " ".join(kenlm_word(int(i)) for i in ids)
+
+
+def write_training_text(data: PreparedCorpus, path: Path) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        for sentence in data.sentences("train"):
+            f.write(kenlm_sentence(sentence))
+            f.write("\n")
+
+
+def estimate_arpa(corpus: str, text: Path, arpa: Path, order: int, memory: str,
+                  discount_fallback: bool, tmp: Path) -> None:
+    cmd = [str(tool_path("lmplz")), "-o", str(order), "-S", memory, "-T", f"{tmp}/",
+           "--text", str(text), "--arpa", str(arpa)]
+    if discount_fallback:
+        cmd.append("--discount_fallback")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        errors = [ln for ln in result.stderr.splitlines() if "ERROR" in ln or "threw" in ln]
+        said = "\n".join(errors) or result.stderr.strip()[-2000:]
+        if "discount" in said.lower() and not discount_fallback:
+            raise NgramError(
+                f"KenLM could not estimate Kneser-Ney discounts for {corpus} (order {order}): "
+                "its training split is too small or too regular (e.g. a character "
+                f"vocabulary). Add {corpus!r} to params `ngram.discount_fallback` to use "
+                "KenLM's fallback discounts (0.5, 1, 1.5); the metrics will record it.\n"
+                f"lmplz said: {said}"
+            )
+        raise NgramError(f"lmplz failed for {corpus} order {order} "
+                         f"(exit {result.returncode}): {said}")
+
+
+def arpa_counts(arpa: Path) -> dict[int, int]:
+    """The `ngram N=count` lines of an ARPA header."""
+    counts: dict[int, int] = {}
+    with open(arpa, encoding="ascii") as f:
+        for line in f:
+            match = re.match(r"ngram (\d+)=(\d+)", line)
+            if match:
+                counts[int(match[1])] = int(match[2])
+            elif line.startswith("\\1-grams:"):
+                break
+    return counts
+
+
+def score_split(model, data: PreparedCorpus, split: str) -> SplitScore:
+    """Sum of log-probabilities over every sentence of `split`, </s> included.
+
+    KenLM must know every token: the vocabulary came from train, so any OOV means
+    the data and the model disagree. The one exception is <unk> when the training
+    split never contained it; KenLM then scores it with its own <unk> probability."""
+    vocab = data.vocabulary()
+    unk_word = kenlm_word(vocab.unk_id)
+    unk_in_train = data.meta["train_counts"][vocab.unk_id] > 0
+    total_log10 = 0.0
+    tokens = 0
+    for sentence in tqdm(data.sentences(split), desc=f"score {split}", unit=" sent",
+                         total=data.meta["lines_per_split"][split], leave=False):
+        words = kenlm_sentence(sentence)
+        oov_words = [w for w in words.split() if w not in model]
+        if oov_words and (unk_in_train or set(oov_words) != {unk_word}):
+            raise NgramError(
+                f"KenLM reports out-of-vocabulary tokens in {split}: {oov_words[:5]} "
+                "(the prepared data and the n-gram model disagree; rerun prepare)"
+            )
+        total_log10 += model.score(words, bos=True, eos=True)
+        tokens += len(sentence) + 1
+    expected = data.meta["tokens_per_split"][split]
+    if tokens != expected:
+        raise NgramError(f"scored {tokens} tokens of {split}, prepare counted {expected}")
+    return SplitScore.from_log10(total_log10, tokens)
+
+
+def build_ngram(corpus: str, order: int, data_dir: Path, model_path: Path,
+                params: NgramParams) -> dict:
+    """Estimate, binarize and score one n-gram; return its metrics."""
+    import kenlm
+
+    data = PreparedCorpus(data_dir)
+    level = data.meta["level"]
+    fallback = corpus in params.discount_fallback
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ngram-") as tmp_name:
+        tmp = Path(tmp_name)
+        text, arpa = tmp / "train.txt", tmp / "model.arpa"
+        write_training_text(data, text)
+        print(f"{corpus} {model_name(order)}: lmplz -o {order}")
+        estimate_arpa(corpus, text, arpa, order, params.memory, fallback, tmp)
+        counts = arpa_counts(arpa)
+        with atomic_path(model_path) as tmp_model:
+            subprocess.run([str(tool_path("build_binary")), str(arpa), str(tmp_model)],
+                           check=True, capture_output=True)
+    build_seconds = time.perf_counter() - started
+    model = kenlm.Model(str(model_path))
+    metrics: dict = {
+        "corpus": corpus,
+        "model": model_name(order),
+        "family": "ngram",
+        "description": f"interpolated modified Kneser-Ney {order}-gram (KenLM lmplz)",
+        "level": level,
+        "order": order,
+        "size": sum(counts.values()),
+        "size_unit": "n-grams",
+        "ngram_counts": {str(k): v for k, v in sorted(counts.items())},
+        "discount_fallback": fallback,
+        "train_seconds": round(build_seconds, 2),
+        "device": "cpu",
+        "scoring": "per sentence from KenLM's <s> context; </s> = <eos>",
+        "vocab_size": data.meta["vocab_size"],
+        "vocab_digest": data.vocabulary().digest(),
+        "kenlm_version": KENLM_VERSION,
+    }
+    for split in EVAL_SPLITS:
+        score = score_split(model, data, split)
+        metrics.update(score.metrics(split, level))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--order", required=True, type=int)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--metrics", required=True, type=Path)
+    args = parser.parse_args(argv)
+    params = load_section("ngram", NgramParams)
+    if not 2 <= args.order <= 6:
+        raise NgramError(f"--order must be 2..6 (what kenlm.Model loads), got {args.order}")
+    metrics = build_ngram(args.corpus, args.order, args.data, args.model, params)
+    # The metrics file is written before MLflow is touched: a broken store never
+    # costs the result.
+    write_json(args.metrics, metrics)
+    print(f"{args.corpus} {metrics['model']}: valid ppl {metrics['valid_ppl']:.2f}, "
+          f"test ppl {metrics['test_ppl']:.2f} ({metrics['test_tokens']} test tokens)")
+    run_params = {"order": args.order, "memory": params.memory,
+                  "discount_fallback": metrics["discount_fallback"]}
+    with tracking.model_run(args.corpus, metrics["model"], "ngram",
+                            f"ngram@{args.corpus}-{args.order}", run_params) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if k.endswith(
+            ("_ppl", "_tokens", "_bpc", "_nll_nats", "seconds")) or k == "size"})
+        run.log_artifact(args.metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The perplexity contract, in one place.
+
+Perplexity = exp(total negative log-likelihood / total predicted tokens), over a
+whole split in order; every <eos> is predicted and counted. Every model's score
+goes through `SplitScore`, so the n-gram and neural rows are computed alike and
+every metrics file records the token count behind its number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True)
+class SplitScore:
+    nll: float  # total negative log-likelihood of the split, in nats
+    tokens: int  # predicted tokens, <eos> included
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise ValueError(f"a split score needs at least one token, got {self.tokens}")
+        if not math.isfinite(self.nll):
+            raise ValueError(f"non-finite total negative log-likelihood {self.nll}")
+
+    @classmethod
+    def from_log10(cls, total_log10_prob: float, tokens: int) -> SplitScore:
+        """From a sum of log10 probabilities (KenLM's unit)."""
+        return cls(nll=-total_log10_prob * LN10, tokens=tokens)
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / math.log(2.0)
+
+    def metrics(self, split: str, level: str) -> dict[str, float | int]:
+        """Flat metric keys for metrics files, MLflow and the leaderboard."""
+        out: dict[str, float | int] = {
+            f"{split}_ppl": round(self.perplexity, 4),
+            f"{split}_nll_nats": round(self.nll, 4),
+            f"{split}_tokens": self.tokens,
+        }
+        if level == "char":
+            # every token of a character corpus is one character (<eos> is the newline)
+            out[f"{split}_bpc"] = round(self.bits_per_token, 5)
+        return out

@@ -1,0 +1,123 @@
+"""The one module that talks to MLflow.
+
+Store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory
+(the repository root under `dvc repro`). The location is not a DVC param on
+purpose: where runs are recorded does not change any result.
+
+One experiment per corpus, one run per model (`ptb/kn5`), tagged with corpus,
+model, family, preset, git commit and DVC stage so runs can be filtered in the UI:
+
+    mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+RETRIES = 5
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _retry(action: Callable[[], T], what: str) -> T:
+    """SQLite stores answer 'database is locked' while another run writes; retry a bounded
+    number of times with backoff, then fail with a message naming the store."""
+    delay = 0.5
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return action()
+        except Exception as exc:  # MLflow wraps SQLAlchemy and HTTP errors in many types
+            if attempt == RETRIES:
+                raise TrackingError(
+                    f"MLflow store {tracking_uri()} failed to {what} after {RETRIES} tries: "
+                    f"{exc}. The stage's metrics file was written; fix the store (or set "
+                    "MLFLOW_TRACKING_URI) and rerun."
+                ) from exc
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class RunLogger:
+    """What a stage logs into its open run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        _retry(lambda: mlflow.log_metrics(numeric, step=step), "log metrics")
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        import mlflow
+
+        _retry(lambda: mlflow.log_artifact(str(path), artifact_path=folder), "log an artifact")
+
+
+@contextlib.contextmanager
+def model_run(corpus: str, model: str, family: str, stage: str,
+              params: dict[str, Any], preset: str = "default") -> Iterator[RunLogger]:
+    """Open the MLflow run of one model of one corpus; log its params and tags."""
+    import mlflow  # imported here: it is slow to import and only stages that log need it
+
+    mlflow.set_tracking_uri(tracking_uri())
+    _retry(lambda: mlflow.set_experiment(corpus), "open the experiment")
+    tags = {
+        "corpus": corpus,
+        "model": model,
+        "family": family,
+        "preset": preset,
+        "git_commit": git_commit(),
+        "dvc_stage": stage,
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+    }
+    run = _retry(lambda: mlflow.start_run(run_name=f"{corpus}/{model}", tags=tags),
+                 "start a run")
+    status = "FAILED"
+    try:
+        flat = {k: str(v) for k, v in _flatten(params).items()}
+        _retry(lambda: mlflow.log_params(flat), "log params")
+        yield RunLogger(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        _retry(lambda: mlflow.end_run(status=status), "end the run")
