@@ -6,7 +6,8 @@
 
 Which rows exist is decided by the params that decide which models are built
 (`corpora`, `ngram.orders`): a metrics file left behind by a model no longer
-configured is ignored, and a configured model without one is an error. Rows are sorted by test perplexity. The token counts of all models of a corpus
+configured is ignored, and a configured model without one is an error.
+Rows are sorted by test perplexity. The token counts of all models of a corpus
 must agree (the perplexity contract); a disagreement fails the stage rather than
 publishing numbers that are not comparable. leaderboard.json is declared as DVC
 metrics, so `dvc metrics show` and `dvc exp show` list every test perplexity.
@@ -73,8 +74,8 @@ def build_table(metrics: pd.DataFrame) -> pd.DataFrame:
                 )
     table = metrics.copy()
     refs = [reference_for(c, m) for c, m in zip(table["corpus"], table["model"], strict=True)]
-    table["ref_valid_ppl"] = [r.valid if r else None for r in refs]
-    table["ref_test_ppl"] = [r.test if r else None for r in refs]
+    table["ref_valid_ppl"] = pd.to_numeric([r.valid if r else None for r in refs])
+    table["ref_test_ppl"] = pd.to_numeric([r.test if r else None for r in refs])
     table["ref_description"] = [r.description if r else "" for r in refs]
     table["ref_source"] = [r.source if r else "" for r in refs]
     table["test_ppl_minus_ref"] = (table["test_ppl"] - table["ref_test_ppl"]).round(2)

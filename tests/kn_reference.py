@@ -88,7 +88,7 @@ def discounts(counts, fallback=None):
         d = tuple(j - (j + 1) * y * n[j + 1] / n[j] for j in (1, 2, 3))
     except ZeroDivisionError:
         d = None
-    if d is None or any(not 0 <= dj <= j for j, dj in zip((1, 2, 3), d)):
+    if d is None or any(not 0 <= dj <= j for j, dj in zip((1, 2, 3), d, strict=True)):
         if fallback is None:
             raise ValueError(f"modified KN discounts undefined for counts-of-counts {dict(n)}")
         d = tuple(fallback)

@@ -1,0 +1,70 @@
+"""params.yaml validation: every bad value is an error naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.download import DownloadParams
+from pipeline.ngram import NgramParams
+from pipeline.params import ParamsError, load_section
+from pipeline.prepare import PrepareParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path, **changes) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_repository_params_load():
+    for section, cls in [("download", DownloadParams), ("prepare", PrepareParams),
+                         ("ngram", NgramParams)]:
+        load_section(section, cls, REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"ngram__ordres": [3]}, r"unknown key ngram\.ordres \(known keys of ngram: orders,"),
+    ({"ngram__orders": "5"}, r"ngram\.orders: expected a list, got '5'"),
+    ({"ngram__orders": [2, "x"]}, r"ngram\.orders\[1\]: expected an integer, got 'x'"),
+    ({"ngram__orders": [1, 3]}, r"ngram\.orders: each order must be 2\.\.6, got 1"),
+    ({"ngram__discount_fallback": True}, r"ngram\.discount_fallback: expected a list"),
+    ({"ngram__memory": "lots"}, r"ngram\.memory: expected a size like 1G"),
+])
+def test_bad_ngram_params_name_the_key(tmp_path, changes, message):
+    with pytest.raises(ParamsError, match=message):
+        load_section("ngram", NgramParams, write_params(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("custom, message", [
+    ({"level": "byte"}, r"prepare\.custom\.level: 'byte' is not one of 'word', 'char'"),
+    ({"ratios": [0.5, 0.5]}, r"prepare\.custom\.ratios: expected three positive shares"),
+    ({"ratios": [0.8, 0.1, 0.2]}, r"prepare\.custom\.ratios: shares must sum to 1"),
+    ({"min_count": 0}, r"prepare\.custom\.min_count: must be >= 1"),
+    ({"min_count": True}, r"prepare\.custom\.min_count: expected an integer, got True"),
+    ({"extra": 1}, r"unknown key prepare\.custom\.extra"),
+])
+def test_bad_prepare_params_name_the_key(tmp_path, custom, message):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["custom"].update(custom)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=message):
+        load_section("prepare", PrepareParams, path)
+
+
+def test_missing_key_is_named(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["download"]["mirror"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"missing key download\.mirror"):
+        load_section("download", DownloadParams, path)
