@@ -53,3 +53,35 @@ class SplitScore:
             # every token of a character corpus is one character (<eos> is the newline)
             out[f"{split}_bpc"] = round(self.bits_per_token, 5)
         return out
+
+
+def score_stream(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> SplitScore:
+    """Exact perplexity of a neural model over a whole split, read as one stream.
+
+    The split is scored in order, in chunks of `chunk` tokens with the model's state
+    carried from chunk to chunk, so the result does not depend on `chunk` (only on
+    floating-point rounding). The first token is predicted after an <eos>, as if the
+    split followed the end of a previous line: every token of the split is predicted
+    once, the same count as the n-gram stage's.
+
+        stream:  w1  w2  w3 ... wN          (targets)
+        inputs:  eos w1  w2 ... wN-1        (shifted by one)
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    targets = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    inputs = torch.cat([torch.tensor([eos_id]), targets[:-1]])
+    was_training = model.training
+    model.eval()
+    nll = 0.0
+    state = None
+    with torch.no_grad():
+        for start in range(0, len(targets), chunk):
+            x = inputs[start : start + chunk].to(device)[None]  # (1, T)
+            y = targets[start : start + chunk].to(device)[None]  # (1, T)
+            logits, _, state = model(x, state=state)  # (1, T, V)
+            nll += F.cross_entropy(logits[0].double(), y[0], reduction="sum").item()
+    model.train(was_training)
+    return SplitScore(nll=nll, tokens=len(targets))
