@@ -5,7 +5,7 @@
         --out-json reports/leaderboard.json
 
 Which rows exist is decided by the params that decide which models are built
-(`corpora`, `ngram.orders`): a metrics file left behind by a model no longer
+(`corpora`, `ngram.orders`, `train.models`): a metrics file left behind by a model no longer
 configured is ignored, and a configured model without one is an error.
 Rows are sorted by test perplexity. The token counts of all models of a corpus
 must agree (the perplexity contract); a disagreement fails the stage rather than
@@ -22,12 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import write_json, write_text
-from pipeline.params import load_section, read_params
+from pipeline.lineup import configured_models
 from pipeline.references import reference_for
 
 COLUMNS = [
     "corpus", "model", "description", "size", "size_unit", "valid_ppl", "test_ppl",
-    "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "device",
+    "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "tokens_per_s",
+    "epochs", "device", "preset",
     "ref_valid_ppl", "ref_test_ppl", "test_ppl_minus_ref", "ref_description", "ref_source",
 ]
 SCORING_NOTE = (
@@ -39,15 +40,6 @@ SCORING_NOTE = (
 
 class LeaderboardError(RuntimeError):
     pass
-
-
-def expected_models() -> dict[str, list[str]]:
-    """corpus -> model names, from the params that define which stages exist."""
-    from pipeline.ngram import NgramParams, model_name
-
-    ngram = load_section("ngram", NgramParams)
-    corpora = read_params().get("corpora") or []
-    return {corpus: [model_name(order) for order in ngram.orders] for corpus in corpora}
 
 
 def load_metrics(metrics_dir: Path, models: dict[str, list[str]]) -> pd.DataFrame:
@@ -103,8 +95,8 @@ def render_markdown(table: pd.DataFrame) -> str:
         out += [f"## {corpus}", ""]
         header = ["model", "size", "valid ppl", "test ppl"]
         header += ["test bpc"] if char else []
-        header += ["tokens (valid / test)", "train time (s)", "published test ppl (source)",
-                   "ours - published"]
+        header += ["tokens (valid / test)", "train time (s)", "train tok/s", "epochs", "device",
+                   "published test ppl (source)", "ours - published"]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in group.itertuples():
             size = f"{_fmt(int(row.size))} {row.size_unit}" if pd.notna(row.size) else ""
@@ -112,8 +104,10 @@ def render_markdown(table: pd.DataFrame) -> str:
                    if pd.notna(row.ref_test_ppl) else "")
             cells = [row.model, size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
             cells += [_fmt(row.test_bpc, 3)] if char else []
+            epochs = _fmt(int(row.epochs)) if pd.notna(row.epochs) else ""
             cells += [f"{_fmt(int(row.valid_tokens))} / {_fmt(int(row.test_tokens))}",
-                      _fmt(row.train_seconds, 1), ref, _fmt(row.test_ppl_minus_ref)]
+                      _fmt(row.train_seconds, 1), _fmt(row.tokens_per_s, 0), epochs,
+                      row.device or "", ref, _fmt(row.test_ppl_minus_ref)]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-csv", required=True, type=Path)
     parser.add_argument("--out-json", required=True, type=Path)
     args = parser.parse_args(argv)
-    table = make_leaderboard(args.metrics_dir, expected_models(), args.out_md, args.out_csv,
+    table = make_leaderboard(args.metrics_dir, configured_models(), args.out_md, args.out_csv,
                              args.out_json)
     print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]
           .to_string(index=False))

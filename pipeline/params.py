@@ -84,6 +84,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is not None:
             raise ParamsError(f"{key}: expected null, got {value!r}")
         return None
+    if tp is dict or origin is dict:
+        # free-form mappings (e.g. presets) are validated by their owner, key by key
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        return value
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
             raise ParamsError(f"{key}: expected a list, got {value!r}")

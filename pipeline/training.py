@@ -70,9 +70,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
-                on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train, resuming from checkpoint_dir/last.pt when it exists; return a summary."""
+                on_epoch: Callable[[dict], None] | None = None, bf16: bool = False,
+                extra: dict | None = None) -> dict:
+    """Train, resuming from checkpoint_dir/last.pt when it was written for the same
+    configuration; return a summary. `extra` (plain data) is stored in checkpoints."""
     torch.manual_seed(cfg.seed)
+    autocast = bf16 and device.startswith("cuda")
     model = LanguageModel(net_cfg).to(device)
     opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr) if cfg.optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
@@ -82,8 +85,10 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
     last = checkpoint_dir / "last.pt"
     if last.exists():
         ckpt = torch.load(last, weights_only=True)
-        if ckpt["network"] != asdict(net_cfg) or ckpt["train"] != asdict(cfg):
-            raise ValueError(f"{last} was written for another configuration; delete it")
+    if last.exists() and (ckpt["network"] != asdict(net_cfg) or ckpt["train"] != asdict(cfg)):
+        print(f"{last} belongs to another configuration: training from scratch")
+    elif last.exists():
+        print(f"resuming from {last} (epoch {ckpt['epoch']} done)")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -103,7 +108,8 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             xb = x[:, start : start + cfg.bptt].to(device)  # (B, T)
             yb = y[:, start : start + cfg.bptt].to(device)  # (B, T)
             state = detach(state)
-            _, loss, state = model(xb, yb, state)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                _, loss, state = model(xb, yb, state)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch}, step {start // cfg.bptt}: "
@@ -118,6 +124,8 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             count += yb.numel()
             bar.set_postfix(loss=f"{loss.item():.3f}",
                             tok_s=f"{count / (time.perf_counter() - t0):.0f}")
+            if cfg.time_budget_s and elapsed + time.perf_counter() - t0 >= cfg.time_budget_s:
+                break  # the budget ends this (possibly partial) epoch
         seconds = time.perf_counter() - t0
         elapsed += seconds
         if nll / count > 700:  # exp() overflows: the perplexity is no longer a number
@@ -134,7 +142,8 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             best_valid = valid.perplexity
             save_checkpoint(checkpoint_dir / "best.pt", {
                 "model": model.state_dict(), "network": asdict(net_cfg),
-                "train": asdict(cfg), "epoch": epoch, "valid_ppl": best_valid})
+                "train": asdict(cfg), "epoch": epoch, "valid_ppl": best_valid,
+                **(extra or {})})
         if cfg.schedule == "decay" and epoch >= cfg.decay_after:
             lr /= cfg.lr_decay
         elif cfg.schedule == "plateau" and len(history) > 1 \
@@ -144,11 +153,13 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(), "network": asdict(net_cfg), "train": asdict(cfg),
             "epoch": epoch, "best_valid": best_valid, "lr": lr, "history": history,
-            "elapsed": elapsed})
+            "elapsed": elapsed, **(extra or {})})
         if on_epoch is not None:
             on_epoch(record)
+    if not history:
+        raise TrainingDiverged("no epoch finished: raise epochs or time_budget_s")
     return {"history": history, "best_valid_ppl": best_valid,
-            "parameters": model.num_parameters()}
+            "parameters": model.num_parameters(), "seconds": elapsed}
 
 
 def load_best(checkpoint_dir: Path, device: str = "cpu") -> LanguageModel:

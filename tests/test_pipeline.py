@@ -3,6 +3,7 @@ custom corpus cut from PTB, tracked in a temporary MLflow store."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,13 @@ def workspace(tmp_path_factory, mirror):
     params["corpora"] = ["custom"]
     params["download"]["custom_path"] = str(corpus)
     params["ngram"]["orders"] = [2, 3]
+    # neural models as small as they come: this checks the plumbing, not the quality
+    quick = params["train"]["presets"]["quick"]
+    for model in params["train"]["models"]:
+        quick[model].update(embedding_size=16, hidden_size=16, epochs=2, time_budget_s=0,
+                            batch_size=16, bptt=20)
+    quick["overrides"] = {}
+    params["sample"]["words"] = 12
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     env["PATH"] = f"{BIN}:{env['PATH']}"
@@ -60,11 +68,21 @@ def workspace(tmp_path_factory, mirror):
 
 def test_repro_builds_the_leaderboard(workspace):
     repo, _, log = workspace
+    neural = {"window", "rnn", "lstm", "lstm2"}
     assert ran_stages(log) == {"download@custom", "prepare@custom", "ngram@custom-2",
-                               "ngram@custom-3", "leaderboard"}
+                               "ngram@custom-3", "sample@custom", "leaderboard",
+                               *(f"train@custom-{m}" for m in neural)}
     table = pd.read_csv(repo / "reports" / "leaderboard.csv")
-    assert list(table["model"]) == ["kn3", "kn2"]  # sorted by test perplexity
-    assert table["test_tokens"].nunique() == 1
+    assert set(table["model"]) == {"kn2", "kn3", *neural}
+    assert list(table["test_ppl"]) == sorted(table["test_ppl"])
+    # the perplexity contract: every model predicted the same tokens
+    assert table["test_tokens"].nunique() == 1 and table["valid_tokens"].nunique() == 1
+    neural_rows = table[table["model"].isin(neural)]
+    assert (neural_rows["epochs"] == 2).all() and (neural_rows["device"] == "cpu").all()
+    curve = json.loads((repo / "reports" / "curves" / "custom" / "lstm2.json").read_text())
+    assert [r["epoch"] for r in curve] == [1, 2]
+    samples = (repo / "reports" / "samples" / "custom.md").read_text()
+    assert all(f"## {m}" in samples for m in ["kn2", "kn3", *neural])
     assert (table["test_ppl"] > 1).all() and (table["test_ppl"] < 10_000).all()
     assert "## custom" in (repo / "reports" / "leaderboard.md").read_text()
     assert not list(repo.rglob(".tmp-*"))
@@ -77,9 +95,17 @@ def test_mlflow_holds_one_run_per_model(workspace):
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("custom")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["custom/kn2", "custom/kn3"]
+    names = sorted(r.info.run_name for r in runs)
+    assert names == sorted(["custom/kn2", "custom/kn3", "custom/lstm", "custom/lstm2",
+                            "custom/rnn", "custom/samples", "custom/window"])
+    lstm2 = next(r for r in runs if r.info.run_name == "custom/lstm2")
+    curve = client.get_metric_history(lstm2.info.run_id, "epoch_valid_ppl")
+    assert sorted(m.step for m in curve) == [1, 2]
+    assert len(client.get_metric_history(lstm2.info.run_id, "test_ppl")) == 1
     for r in runs:
-        assert r.data.tags["corpus"] == "custom" and r.data.tags["family"] == "ngram"
+        if r.data.tags["family"] != "ngram":
+            continue
+        assert r.data.tags["corpus"] == "custom"
         assert r.data.tags["dvc_stage"] == f"ngram@custom-{r.data.tags['model'][2:]}"
         assert r.data.metrics["test_ppl"] > 1
         assert r.info.status == "FINISHED"
@@ -93,8 +119,8 @@ def test_second_repro_reruns_nothing_and_new_order_reruns_only_its_stages(worksp
     params["ngram"]["orders"] = [2, 3, 4]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([str(BIN / "dvc"), "repro"], repo, env)
-    assert ran_stages(third) == {"ngram@custom-4", "leaderboard"}
+    assert ran_stages(third) == {"ngram@custom-4", "sample@custom", "leaderboard"}
     table = pd.read_csv(repo / "reports" / "leaderboard.csv")
-    assert set(table["model"]) == {"kn2", "kn3", "kn4"}
+    assert {"kn2", "kn3", "kn4"} <= set(table["model"])
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
     assert "test_ppl" in shown and "kn4" in shown

@@ -1,0 +1,157 @@
+"""Stage `sample`: text from every model of one corpus, side by side.
+
+    python -m pipeline.sample --corpus ptb --data data/prepared/ptb --models models/ptb \
+        --out reports/samples/ptb.md
+
+Every model continues the same prompt with the same seed and temperature.
+N-grams are sampled from KenLM's conditional distribution over the whole
+prepared vocabulary (</s> standing for <eos>, after which the context restarts
+at <s>); neural models from their softmax, with their state carried along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.atomic import write_text
+from pipeline.dataset import EOS, PreparedCorpus, Vocabulary
+from pipeline.lineup import configured_models, is_ngram
+from pipeline.ngram import kenlm_word
+from pipeline.params import load_section, require
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    seed: int
+    temperature: float
+    words: int  # tokens to generate on word corpora
+    chars: int  # tokens to generate on character corpora
+    prompt: str  # "" = start after an end of line
+
+    def validate(self, key: str) -> None:
+        require(self.temperature > 0, f"{key}.temperature",
+                f"must be positive, got {self.temperature}")
+        require(self.words > 0 and self.chars > 0, f"{key}.words",
+                "lengths must be positive")
+
+
+def encode_prompt(prompt: str, vocab: Vocabulary) -> list[int]:
+    index = {tok: i for i, tok in enumerate(vocab.tokens)}
+    pieces = list(prompt) if vocab.level == "char" else prompt.split()
+    return [index.get(p, vocab.unk_id) for p in pieces]
+
+
+def _draw(logp: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """One id from log-probabilities sharpened or flattened by `temperature`."""
+    z = logp / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def sample_ngram(model_path: Path, vocab: Vocabulary, prompt: list[int], length: int,
+                 temperature: float, seed: int) -> list[int]:
+    import kenlm
+
+    model = kenlm.Model(str(model_path))
+    rng = np.random.default_rng(seed)
+    words = ["</s>" if t == EOS else kenlm_word(i) for i, t in enumerate(vocab.tokens)]
+    known = [i for i, w in enumerate(words) if w == "</s>" or w in model]
+    state = kenlm.State()
+    model.BeginSentenceWrite(state)
+
+    def advance(state, token_id):
+        out = kenlm.State()
+        model.BaseScore(state, words[token_id], out)
+        if token_id == vocab.eos_id:
+            model.BeginSentenceWrite(out)
+        return out
+
+    for token_id in prompt:
+        state = advance(state, token_id)
+    generated: list[int] = []
+    scratch = kenlm.State()
+    for _ in range(length):
+        log10p = np.array([model.BaseScore(state, words[i], scratch) for i in known])
+        token_id = known[_draw(log10p * math.log(10.0), temperature, rng)]
+        generated.append(token_id)
+        state = advance(state, token_id)
+    return generated
+
+
+def sample_neural(model_path: Path, vocab: Vocabulary, prompt: list[int], length: int,
+                  temperature: float, seed: int) -> list[int]:
+    import torch
+
+    from pipeline.networks import LanguageModel, NetworkConfig
+
+    ckpt = torch.load(model_path, weights_only=True, map_location="cpu")
+    if ckpt["vocab_digest"] != vocab.digest():
+        raise ValueError(f"{model_path} was trained on another vocabulary; rerun its training")
+    model = LanguageModel(NetworkConfig(**ckpt["network"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    rng = np.random.default_rng(seed)
+    history = [vocab.eos_id, *prompt]  # start after an end of line, like the scorer
+    generated: list[int] = []
+    with torch.no_grad():
+        logits, _, state = model(torch.tensor([history]))
+        for _ in range(length):
+            logp = torch.log_softmax(logits[0, -1].double(), -1).numpy()
+            token_id = _draw(logp, temperature, rng)
+            generated.append(token_id)
+            logits, _, state = model(torch.tensor([[token_id]]), state=state)
+    return generated
+
+
+def render(corpus: str, params: SampleParams, vocab: Vocabulary,
+           samples: dict[str, list[int]], prompt: list[int]) -> str:
+    lines = [f"# Samples: {corpus}", "",
+             f"seed {params.seed}, temperature {params.temperature}, "
+             f"prompt {params.prompt!r}" + (" (empty: each model starts after an end of line)"
+                                            if not params.prompt else ""), ""]
+    for model, ids in samples.items():
+        text = vocab.decode(prompt + ids)
+        lines += [f"## {model}", "", "```text", text.rstrip("\n"), "```", ""]
+    return "\n".join(lines)
+
+
+def sample_corpus(corpus: str, data_dir: Path, models_dir: Path, models: list[str],
+                  params: SampleParams) -> str:
+    vocab = PreparedCorpus(data_dir).vocabulary()
+    prompt = encode_prompt(params.prompt, vocab)
+    length = params.chars if vocab.level == "char" else params.words
+    samples: dict[str, list[int]] = {}
+    for model in models:
+        if is_ngram(model):
+            samples[model] = sample_ngram(models_dir / f"{model}.bin", vocab, prompt, length,
+                                          params.temperature, params.seed)
+        else:
+            samples[model] = sample_neural(models_dir / f"{model}.pt", vocab, prompt, length,
+                                           params.temperature, params.seed)
+    return render(corpus, params, vocab, samples, prompt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--models", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    params = load_section("sample", SampleParams)
+    models = configured_models()[args.corpus]
+    write_text(args.out, sample_corpus(args.corpus, args.data, args.models, models, params))
+    print(f"{args.corpus}: samples from {len(models)} models in {args.out}")
+    with tracking.model_run(args.corpus, "samples", "report", f"sample@{args.corpus}",
+                            asdict(params)) as run:
+        run.log_artifact(args.out)
+
+
+if __name__ == "__main__":
+    main()
