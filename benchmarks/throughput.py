@@ -12,6 +12,7 @@ benchmarks/results/throughput-<device>-<preset>.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_text
-from pipeline.networks import LanguageModel, NetworkConfig, detach
+from pipeline.networks import LanguageModel, detach
 from pipeline.params import load_section
 from pipeline.perplexity import score_stream
 from pipeline.train import TrainParams, pick_device
@@ -34,13 +35,8 @@ def sync(device: str) -> None:
 def measure(model_name: str, params: TrainParams, vocab: int, steps: int, eval_tokens: int,
             device: str) -> dict:
     spec = params.spec("ptb", model_name)
-    net = NetworkConfig(kind=model_name, vocab_size=vocab, embedding_size=spec.embedding_size,
-                        hidden_size=spec.hidden_size, context=spec.context,
-                        dropout=spec.dropout, tie_weights=spec.tie_weights,
-                        direct_connections=spec.direct_connections,
-                        init_range=spec.init_range)
     torch.manual_seed(0)
-    model = LanguageModel(net).to(device)
+    model = LanguageModel(spec.network(model_name, vocab)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randint(0, vocab, (spec.batch_size, spec.bptt + 1), device=device)
     autocast = params.bf16 and device.startswith("cuda")
@@ -76,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_section("train", TrainParams)
     if args.preset:
-        params = TrainParams(**{**params.__dict__, "preset": args.preset})
+        params = dataclasses.replace(params, preset=args.preset)
+        params.validate("train")
     device = pick_device(params.device)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     rows = [measure(m, params, args.vocab, args.steps, args.eval_tokens, device)

@@ -12,6 +12,7 @@ item of it, and <eos> is predicted and counted like any other token.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterator
@@ -56,19 +57,18 @@ class Vocabulary:
         return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
 
     def decode(self, ids: np.ndarray | list[int]) -> str:
-        sep = "" if self.level == "char" else " "
-        out = []
-        for i in ids:
-            tok = self.tokens[int(i)]
-            out.append("\n" if tok == EOS else tok)
-        return sep.join(out).replace(" \n ", "\n").replace(" \n", "\n")
+        """Text of `ids`, <eos> as a line break."""
+        tokens = ["\n" if self.tokens[int(i)] == EOS else self.tokens[int(i)] for i in ids]
+        if self.level == "char":
+            return "".join(tokens)
+        return " ".join(tokens).replace(" \n ", "\n").replace(" \n", "\n")
 
 
 @dataclass(frozen=True)
 class PreparedCorpus:
     folder: Path
 
-    @property
+    @functools.cached_property
     def meta(self) -> dict:
         return json.loads((self.folder / VOCAB_FILE).read_text(encoding="utf-8"))
 

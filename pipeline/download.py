@@ -159,8 +159,8 @@ def download_corpus(name: str, out: Path, params: DownloadParams) -> Path:
             verify(corpus, out)
             print(f"{name}: {out} already present and verified")
             return out
-        except DownloadError:
-            pass  # fetch again below
+        except DownloadError as exc:
+            print(f"{name}: {out} does not verify ({exc}); fetching it again")
     mirror = resolve_mirror(params.mirror)
     wanted = set(corpus.checksums()) | set(corpus.line_counts or {})
     with atomic_path(out, directory=True) as staging, tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,11 @@ def load_metrics(metrics_dir: Path, models: dict[str, list[str]]) -> pd.DataFram
 
 def build_table(metrics: pd.DataFrame) -> pd.DataFrame:
     for corpus, group in metrics.groupby("corpus"):
+        if group["vocab_digest"].nunique() != 1:
+            raise LeaderboardError(
+                f"{corpus}: models were built on different vocabularies "
+                f"({group.set_index('model')['vocab_digest'].to_dict()}); rerun the pipeline"
+            )
         for split in ("valid", "test"):
             counts = group.set_index("model")[f"{split}_tokens"]
             if counts.nunique() != 1:
@@ -65,7 +70,9 @@ def build_table(metrics: pd.DataFrame) -> pd.DataFrame:
                     f"({counts.to_dict()}); their perplexities are not comparable"
                 )
     table = metrics.copy()
-    refs = [reference_for(c, m) for c, m in zip(table["corpus"], table["model"], strict=True)]
+    presets = table["preset"] if "preset" in table else [None] * len(table)
+    refs = [reference_for(c, m, p if isinstance(p, str) else None)
+            for c, m, p in zip(table["corpus"], table["model"], presets, strict=True)]
     table["ref_valid_ppl"] = pd.to_numeric([r.valid if r else None for r in refs])
     table["ref_test_ppl"] = pd.to_numeric([r.test if r else None for r in refs])
     table["ref_description"] = [r.description if r else "" for r in refs]

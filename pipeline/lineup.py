@@ -1,26 +1,32 @@
-"""Which models the configured pipeline builds for each corpus.
+"""Which models the configured pipeline builds for each corpus, and their names.
 
 Decided by the params that expand dvc.yaml (`corpora`, `ngram.orders`,
 `train.models`); the leaderboard and the sample stage both ask here, so a file
-left behind by a model no longer configured is never reported.
+left behind by a model no longer configured is never reported. (The stages that
+own those keys validate them; this module only reads them.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.ngram import NgramParams, model_name
-from pipeline.params import PARAMS_FILE, load_section, read_params
-from pipeline.train import TrainParams
+from pipeline.params import PARAMS_FILE, read_params
+
+NGRAM_PREFIX = "kn"
+
+
+def ngram_name(order: int) -> str:
+    return f"{NGRAM_PREFIX}{order}"
+
+
+def is_ngram(model: str) -> bool:
+    return model.startswith(NGRAM_PREFIX)
 
 
 def configured_models(path: Path = PARAMS_FILE) -> dict[str, list[str]]:
     """corpus -> model names (`kn<order>` for n-grams, then the neural models)."""
-    orders = load_section("ngram", NgramParams, path).orders
-    neural = load_section("train", TrainParams, path).models
-    corpora = read_params(path).get("corpora") or []
-    return {corpus: [*(model_name(order) for order in orders), *neural] for corpus in corpora}
-
-
-def is_ngram(model: str) -> bool:
-    return model.startswith("kn")
+    params = read_params(path)
+    orders = params["ngram"]["orders"]
+    neural = params["train"]["models"]
+    return {corpus: [*(ngram_name(o) for o in orders), *neural]
+            for corpus in params.get("corpora") or []}

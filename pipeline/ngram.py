@@ -28,6 +28,7 @@ from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.dataset import PreparedCorpus
 from pipeline.kenlm_tools import KENLM_VERSION, tool_path
+from pipeline.lineup import ngram_name
 from pipeline.params import load_section, require
 from pipeline.perplexity import SplitScore
 
@@ -50,10 +51,6 @@ class NgramParams:
             require(2 <= order <= 6, f"{key}.orders", f"each order must be 2..6, got {order}")
         require(bool(re.fullmatch(r"\d+[%bKMGT]?", self.memory)), f"{key}.memory",
                 f"expected a size like 1G or 20%, got {self.memory!r}")
-
-
-def model_name(order: int) -> str:
-    return f"kn{order}"
 
 
 def kenlm_word(token_id: int) -> str:
@@ -118,7 +115,7 @@ def score_split(model, data: PreparedCorpus, split: str) -> SplitScore:
     total_log10 = 0.0
     tokens = 0
     for sentence in tqdm(data.sentences(split), desc=f"score {split}", unit=" sent",
-                         total=data.meta["lines_per_split"][split], leave=False):
+                         total=data.meta["lines_per_split"][split], leave=False, disable=None):
         words = kenlm_sentence(sentence)
         oov_words = [w for w in words.split() if w not in model]
         if oov_words and (unk_in_train or set(oov_words) != {unk_word}):
@@ -147,17 +144,20 @@ def build_ngram(corpus: str, order: int, data_dir: Path, model_path: Path,
         tmp = Path(tmp_name)
         text, arpa = tmp / "train.txt", tmp / "model.arpa"
         write_training_text(data, text)
-        print(f"{corpus} {model_name(order)}: lmplz -o {order}")
+        print(f"{corpus} {ngram_name(order)}: lmplz -o {order}")
         estimate_arpa(corpus, text, arpa, order, params.memory, fallback, tmp)
         counts = arpa_counts(arpa)
         with atomic_path(model_path) as tmp_model:
-            subprocess.run([str(tool_path("build_binary")), str(arpa), str(tmp_model)],
-                           check=True, capture_output=True)
+            done = subprocess.run([str(tool_path("build_binary")), str(arpa), str(tmp_model)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise NgramError(f"build_binary failed (exit {done.returncode}): "
+                                 f"{done.stderr.strip()[-2000:]}")
     build_seconds = time.perf_counter() - started
     model = kenlm.Model(str(model_path))
     metrics: dict = {
         "corpus": corpus,
-        "model": model_name(order),
+        "model": ngram_name(order),
         "family": "ngram",
         "description": f"interpolated modified Kneser-Ney {order}-gram (KenLM lmplz)",
         "level": level,

@@ -10,8 +10,6 @@ Defaults live in params.yaml only: the dataclasses have none.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -72,18 +70,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             allowed = ", ".join(repr(a) for a in get_args(tp))
             raise ParamsError(f"{key}: {value!r} is not one of {allowed}")
         return value
-    if origin in (types.UnionType, typing.Union):
-        errors = []
-        for option in get_args(tp):
-            try:
-                return _coerce(option, value, key)
-            except ParamsError as exc:
-                errors.append(str(exc))
-        raise ParamsError(f"{key}: {value!r} does not fit {tp}")
-    if tp is type(None):
-        if value is not None:
-            raise ParamsError(f"{key}: expected null, got {value!r}")
-        return None
     if tp is dict or origin is dict:
         # free-form mappings (e.g. presets) are validated by their owner, key by key
         if not isinstance(value, dict):

@@ -56,16 +56,24 @@ class SplitScore:
 
 
 def score_stream(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> SplitScore:
-    """Exact perplexity of a neural model over a whole split, read as one stream.
+    """Exact perplexity of a neural model over a whole split, read as one stream."""
+    nll, tokens = stream_nll(model, ids, chunk, eos_id, device)
+    return SplitScore(nll=nll, tokens=tokens)
+
+
+def stream_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> tuple[float, int]:
+    """(total NLL in nats, tokens) of a split read as one stream, possibly non-finite.
 
     The split is scored in order, in chunks of `chunk` tokens with the model's state
     carried from chunk to chunk, so the result does not depend on `chunk` (only on
     floating-point rounding). The first token is predicted after an <eos>, as if the
     split followed the end of a previous line: every token of the split is predicted
-    once, the same count as the n-gram stage's.
+    once, the same count as the n-gram stage's. (Evaluation always runs one stream:
+    splitting it into batch columns would restart the state at every column and make
+    the number depend on the batch size.)
 
-        stream:  w1  w2  w3 ... wN          (targets)
-        inputs:  eos w1  w2 ... wN-1        (shifted by one)
+        targets:  w1  w2  w3 ... wN
+        inputs:   eos w1  w2 ... wN-1        (shifted by one)
     """
     import numpy as np
     import torch
@@ -84,4 +92,4 @@ def score_stream(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> Sp
             logits, _, state = model(x, state=state)  # (1, T, V)
             nll += F.cross_entropy(logits[0].double(), y[0], reduction="sum").item()
     model.train(was_training)
-    return SplitScore(nll=nll, tokens=len(targets))
+    return nll, len(targets)

@@ -37,12 +37,14 @@ class SampleParams:
     def validate(self, key: str) -> None:
         require(self.temperature > 0, f"{key}.temperature",
                 f"must be positive, got {self.temperature}")
-        require(self.words > 0 and self.chars > 0, f"{key}.words",
-                "lengths must be positive")
+        for name in ("words", "chars"):
+            require(getattr(self, name) > 0, f"{key}.{name}",
+                    f"must be positive, got {getattr(self, name)}")
 
 
 def encode_prompt(prompt: str, vocab: Vocabulary) -> list[int]:
     index = {tok: i for i, tok in enumerate(vocab.tokens)}
+    index["\n"] = vocab.eos_id  # a line break in a character prompt is an end of line
     pieces = list(prompt) if vocab.level == "char" else prompt.split()
     return [index.get(p, vocab.unk_id) for p in pieces]
 
@@ -88,14 +90,9 @@ def sample_neural(model_path: Path, vocab: Vocabulary, prompt: list[int], length
                   temperature: float, seed: int) -> list[int]:
     import torch
 
-    from pipeline.networks import LanguageModel, NetworkConfig
+    from pipeline.training import load_model
 
-    ckpt = torch.load(model_path, weights_only=True, map_location="cpu")
-    if ckpt["vocab_digest"] != vocab.digest():
-        raise ValueError(f"{model_path} was trained on another vocabulary; rerun its training")
-    model = LanguageModel(NetworkConfig(**ckpt["network"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = load_model(model_path, "cpu", vocab.digest()).eval()
     rng = np.random.default_rng(seed)
     history = [vocab.eos_id, *prompt]  # start after an end of line, like the scorer
     generated: list[int] = []

@@ -46,13 +46,16 @@ def git_commit() -> str:
 
 
 def _retry(action: Callable[[], T], what: str) -> T:
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
     """SQLite stores answer 'database is locked' while another run writes; retry a bounded
     number of times with backoff, then fail with a message naming the store."""
     delay = 0.5
     for attempt in range(1, RETRIES + 1):
         try:
             return action()
-        except Exception as exc:  # MLflow wraps SQLAlchemy and HTTP errors in many types
+        except (MlflowException, SQLAlchemyError, OSError) as exc:  # store errors only
             if attempt == RETRIES:
                 raise TrackingError(
                     f"MLflow store {tracking_uri()} failed to {what} after {RETRIES} tries: "

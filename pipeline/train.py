@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
+from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import ParamsError, build, load_section, require
-from pipeline.training import TrainConfig, evaluate_best, train_model
+from pipeline.perplexity import score_stream
+from pipeline.training import TrainConfig, load_model, train_model
 
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",
@@ -60,15 +60,29 @@ class ModelSpec:
     seed: int
 
     def validate(self, key: str) -> None:
-        for name in ("embedding_size", "hidden_size", "batch_size", "bptt", "epochs"):
+        # the network's own checks (sizes, dropout, tying, ...) run in TrainParams.spec
+        for name in ("batch_size", "bptt", "epochs"):
             require(getattr(self, name) > 0, f"{key}.{name}",
                     f"must be positive, got {getattr(self, name)}")
         require(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
         require(self.lr_decay >= 1, f"{key}.lr_decay", f"must be >= 1, got {self.lr_decay}")
-        require(0 <= self.dropout < 1, f"{key}.dropout", f"must be in [0, 1), got {self.dropout}")
-        require(not self.tie_weights or self.embedding_size == self.hidden_size,
-                f"{key}.tie_weights", "needs embedding_size == hidden_size, got "
-                f"{self.embedding_size} and {self.hidden_size}")
+        require(self.clip >= 0, f"{key}.clip", f"must be >= 0, got {self.clip}")
+        require(self.time_budget_s >= 0, f"{key}.time_budget_s",
+                f"must be >= 0, got {self.time_budget_s}")
+
+    def network(self, kind: str, vocab_size: int) -> NetworkConfig:
+        return NetworkConfig(kind=kind, vocab_size=vocab_size,
+                             embedding_size=self.embedding_size, hidden_size=self.hidden_size,
+                             context=self.context, dropout=self.dropout,
+                             tie_weights=self.tie_weights,
+                             direct_connections=self.direct_connections,
+                             init_range=self.init_range)
+
+    def training(self) -> TrainConfig:
+        return TrainConfig(batch_size=self.batch_size, bptt=self.bptt, epochs=self.epochs,
+                           optimizer=self.optimizer, lr=self.lr, schedule=self.schedule,
+                           lr_decay=self.lr_decay, decay_after=self.decay_after,
+                           clip=self.clip, time_budget_s=self.time_budget_s, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -86,11 +100,22 @@ class TrainParams:
                     f"unknown model {model!r}; known: {', '.join(KINDS)}")
         require(self.preset in self.presets, f"{key}.preset",
                 f"unknown preset {self.preset!r}; defined: {', '.join(self.presets)}")
-        require(self.eval_chunk > 0, f"{key}.eval_chunk", "must be positive")
+        require(self.eval_chunk > 0, f"{key}.eval_chunk",
+                f"must be positive, got {self.eval_chunk}")
+        preset = self.presets[self.preset]
+        for name in preset:
+            require(name in (*KINDS, "overrides"), f"{key}.presets.{self.preset}",
+                    f"unknown model {name!r}; known: {', '.join(KINDS)} (and overrides)")
+        overrides = preset.get("overrides") or {}
+        for corpus, models in overrides.items():
+            require(corpus in CORPUS_NAMES, f"{key}.presets.{self.preset}.overrides",
+                    f"unknown corpus {corpus!r}; known: {', '.join(CORPUS_NAMES)}")
+            for model in models or {}:
+                require(model in KINDS, f"{key}.presets.{self.preset}.overrides.{corpus}",
+                        f"unknown model {model!r}; known: {', '.join(KINDS)}")
         for model in self.models:
-            for corpus in self.presets[self.preset].get("overrides", {}) or {}:
+            for corpus in ("", *overrides):
                 self.spec(corpus, model)  # every combination must resolve
-            self.spec("", model)
 
     def spec(self, corpus: str, model: str) -> ModelSpec:
         """The preset's settings for `model`, with the corpus's overrides applied."""
@@ -102,15 +127,23 @@ class TrainParams:
         unknown = set(overrides) - {f for f in ModelSpec.__dataclass_fields__}
         if unknown:
             raise ParamsError(f"unknown key {key}.overrides.{corpus}.{model}.{sorted(unknown)[0]}")
-        return build(ModelSpec, {**preset[model], **overrides}, f"{key}.{model}")
+        spec = build(ModelSpec, {**preset[model], **overrides}, f"{key}.{model}")
+        problems = spec.network(model, 1).check()
+        if problems:
+            name, problem = problems[0]
+            raise ParamsError(f"{key}.{model}.{name}: {problem}")
+        return spec
 
 
 def pick_device(requested: str) -> str:
     import torch
 
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if requested != "auto":
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise ParamsError("train.device: cuda requested but no CUDA device is available")
+        if not available[requested]:
+            raise ParamsError(f"train.device: {requested} requested but this machine has "
+                              "no such device (use auto or cpu)")
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -128,41 +161,39 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
     vocab = data.vocabulary()
     spec = params.spec(corpus, model)
     device = pick_device(params.device)
-    net = NetworkConfig(kind=model, vocab_size=len(vocab), embedding_size=spec.embedding_size,
-                        hidden_size=spec.hidden_size, context=spec.context,
-                        dropout=spec.dropout, tie_weights=spec.tie_weights,
-                        direct_connections=spec.direct_connections,
-                        init_range=spec.init_range)
-    cfg = TrainConfig(batch_size=spec.batch_size, bptt=spec.bptt, epochs=spec.epochs,
-                      optimizer=spec.optimizer, lr=spec.lr, schedule=spec.schedule,
-                      lr_decay=spec.lr_decay, decay_after=spec.decay_after, clip=spec.clip,
-                      time_budget_s=spec.time_budget_s, seed=spec.seed,
-                      eval_chunk=params.eval_chunk)
-    history: list[dict] = []
+    logged: set[int] = set()
+    curve_so_far: list[dict] = []
 
-    def on_epoch(record: dict) -> None:
-        history.append(record)
-        write_json(curve, history)  # DVC plots: learning curve so far
-        if run is not None:
-            # "epoch_" names keep the curves apart from the final (best-checkpoint) scores
+    def log_epoch(record: dict) -> None:
+        # "epoch_" names keep the curve apart from the final (best-checkpoint) scores
+        if run is not None and record["epoch"] not in logged:
             run.log_metrics({f"epoch_{k}": v for k, v in record.items() if k != "epoch"},
                             step=record["epoch"])
+            logged.add(record["epoch"])
+
+    def on_epoch(record: dict) -> None:
+        log_epoch(record)
+        curve_so_far.append(record)
+        write_json(curve, curve_so_far)  # DVC plots: the learning curve so far
 
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus, "preset": params.preset,
              "resolved_params": asdict(spec)}
     try:
-        result = train_model(net, cfg, data.ids("train"), data.ids("valid"), vocab.eos_id,
-                             checkpoints, device, on_epoch, params.bf16, extra)
+        result = train_model(spec.network(model, len(vocab)), spec.training(),
+                             data.ids("train"), data.ids("valid"), vocab.eos_id, checkpoints,
+                             device, on_epoch, params.bf16, extra, params.eval_chunk)
     except torch.OutOfMemoryError as exc:
         raise RuntimeError(
             f"{device} ran out of memory training {corpus}/{model} with batch_size "
             f"{spec.batch_size}: lower train.presets.{params.preset}.{model}.batch_size "
             f"(or bptt / hidden_size). {exc}"
         ) from None
-    write_json(curve, result["history"])
+    history = result["history"]
+    for record in history:  # epochs from before a resume went to an earlier run
+        log_epoch(record)
+    write_json(curve, history)
     with atomic_path(out) as tmp:
         shutil.copyfile(checkpoints / "best.pt", tmp)
-    history = result["history"]
     best_epoch = min(history, key=lambda r: r["valid_ppl"])["epoch"]
     metrics: dict = {
         "corpus": corpus,
@@ -173,7 +204,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         "size": result["parameters"],
         "size_unit": "parameters",
         "train_seconds": round(result["seconds"], 1),
-        "tokens_per_s": round(float(np.mean([r["tokens_per_s"] for r in history])), 1),
+        "tokens_per_s": round(sum(r["tokens"] for r in history) / result["seconds"], 1),
         "device": device,
         "epochs": len(history),
         "best_epoch": best_epoch,
@@ -182,11 +213,13 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         "vocab_size": len(vocab),
         "vocab_digest": vocab.digest(),
     }
+    best = load_model(out, device, vocab.digest())
     for split in ("valid", "test"):
-        score = evaluate_best(checkpoints, data.ids(split), vocab.eos_id, params.eval_chunk,
-                              device)
+        score = score_stream(best, data.ids(split), params.eval_chunk, vocab.eos_id, device)
         expected = data.meta["tokens_per_split"][split]
-        assert score.tokens == expected, (score.tokens, expected)
+        if score.tokens != expected:
+            raise RuntimeError(f"scored {score.tokens} tokens of {split}, prepare counted "
+                               f"{expected}")
         metrics.update(score.metrics(split, vocab.level))
     return metrics
 

@@ -10,12 +10,16 @@ and detached (truncated back-propagation through time):
     column 2: i j | k l
 
 Checkpoints (state dicts plus plain data, loadable with weights_only=True):
-`last.pt` after every epoch (resume point), `best.pt` at the best validation
-perplexity. Validation uses the exact stream scorer of pipeline/perplexity.py.
+`last.pt` after every epoch (resume point, used only when its fingerprint of
+configuration, data and training code matches), `best.pt` at the best
+validation perplexity. Validation uses the exact stream scorer of
+pipeline/perplexity.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +33,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.networks import LanguageModel, NetworkConfig, detach
-from pipeline.perplexity import SplitScore, score_stream
+from pipeline.perplexity import SplitScore, stream_nll
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,13 +47,12 @@ class TrainConfig:
     epochs: int
     optimizer: Literal["sgd", "adam"]
     lr: float
-    schedule: Literal["decay", "plateau"]  # decay: lr /= lr_decay each epoch after decay_after
-    lr_decay: float
+    schedule: Literal["decay", "plateau"]  # decay: lr /= lr_decay after each epoch >= decay_after
+    lr_decay: float  # plateau: lr /= lr_decay when validation does not beat the best so far
     decay_after: int
     clip: float  # gradient-norm clip; 0 = off
-    time_budget_s: float  # stop after the epoch that crosses it; 0 = none
+    time_budget_s: float  # training seconds after which the run stops (mid-epoch); 0 = none
     seed: int
-    eval_chunk: int
 
 
 def batchify(ids: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,35 +66,76 @@ def batchify(ids: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
+def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
+                valid_ids: np.ndarray) -> str:
+    """What a resume point must match: configuration, data and the training code.
+    (Scoring code may change: a finished run is then only re-scored.)"""
+    h = hashlib.sha256()
+    h.update(json.dumps([asdict(net_cfg), asdict(cfg)], sort_keys=True).encode())
+    h.update(np.ascontiguousarray(train_ids).tobytes())
+    h.update(np.ascontiguousarray(valid_ids).tobytes())
+    for module in ("networks.py", "training.py"):
+        h.update((Path(__file__).parent / module).read_bytes())
+    return h.hexdigest()[:20]
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
+def load_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """A checkpoint as plain data and tensors (weights_only: no code is unpickled)."""
+    return torch.load(path, weights_only=True, map_location=device)
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:
+    """The learning rate after `epoch`: fixed decay from decay_after on (Zaremba et al.),
+    or divide-on-plateau when the epoch did not beat the best validation so far."""
+    if (cfg.schedule == "decay" and epoch >= cfg.decay_after) or \
+            (cfg.schedule == "plateau" and not improved):
+        return lr / cfg.lr_decay
+    return lr
+
+
 def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
                 on_epoch: Callable[[dict], None] | None = None, bf16: bool = False,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, eval_chunk: int = 512) -> dict:
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
-    configuration; return a summary. `extra` (plain data) is stored in checkpoints."""
+    configuration, data and code; return a summary. `extra` (plain data) is stored in
+    the checkpoints; `eval_chunk` only sets the scorer's pass length."""
     torch.manual_seed(cfg.seed)
     autocast = bf16 and device.startswith("cuda")
     model = LanguageModel(net_cfg).to(device)
     opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr) if cfg.optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     x, y = batchify(train_ids, cfg.batch_size)
+    key = fingerprint(net_cfg, cfg, train_ids, valid_ids)
     history: list[dict] = []
     start_epoch, best_valid, lr, elapsed = 1, math.inf, cfg.lr, 0.0
     last = checkpoint_dir / "last.pt"
-    if last.exists():
-        ckpt = torch.load(last, weights_only=True)
-    if last.exists() and (ckpt["network"] != asdict(net_cfg) or ckpt["train"] != asdict(cfg)):
-        print(f"{last} belongs to another configuration: training from scratch")
-    elif last.exists():
+    ckpt = load_checkpoint(last) if last.exists() else None
+    if ckpt is not None and ckpt.get("fingerprint") != key:
+        print(f"{last} belongs to another configuration, data or code: training from scratch")
+    elif ckpt is not None:
         print(f"resuming from {last} (epoch {ckpt['epoch']} done)")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"])
         start_epoch, best_valid, lr = ckpt["epoch"] + 1, ckpt["best_valid"], ckpt["lr"]
         history, elapsed = ckpt["history"], ckpt["elapsed"]
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -103,7 +147,8 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
         t0 = time.perf_counter()
         state, nll, count = None, 0.0, 0
         steps = range(0, x.size(1), cfg.bptt)
-        bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", unit=" step", leave=False)
+        bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", unit=" step", leave=False,
+                   disable=None)  # None: no bar when output is not a terminal (logs)
         for start in bar:
             xb = x[:, start : start + cfg.bptt].to(device)  # (B, T)
             yb = y[:, start : start + cfg.bptt].to(device)  # (B, T)
@@ -128,32 +173,30 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
                 break  # the budget ends this (possibly partial) epoch
         seconds = time.perf_counter() - t0
         elapsed += seconds
-        if nll / count > 700:  # exp() overflows: the perplexity is no longer a number
+        valid_nll, valid_tokens = stream_nll(model, valid_ids, eval_chunk, eos_id, device)
+        if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
             raise TrainingDiverged(
-                f"mean training loss {nll / count:.3g} nats at epoch {epoch}: the run "
-                f"diverged; lower the learning rate (lr={lr}) or enable gradient clipping"
+                f"validation loss {valid_nll / valid_tokens:.3g} nats/token after epoch "
+                f"{epoch}: the run diverged; lower the learning rate (lr={lr}) or clip "
+                "gradients"
             )
-        valid = score_stream(model, valid_ids, cfg.eval_chunk, eos_id, device)
-        record = {"epoch": epoch, "train_ppl": math.exp(nll / count),
-                  "valid_ppl": valid.perplexity, "lr": lr, "tokens_per_s": count / seconds,
-                  "elapsed_s": elapsed}
+        valid = SplitScore(valid_nll, valid_tokens)
+        record = {"epoch": epoch, "train_ppl": math.exp(min(nll / count, 700)),
+                  "valid_ppl": valid.perplexity, "lr": lr, "tokens": count,
+                  "tokens_per_s": count / seconds, "elapsed_s": elapsed}
         history.append(record)
-        if valid.perplexity < best_valid:
+        improved = valid.perplexity < best_valid
+        if improved:
             best_valid = valid.perplexity
             save_checkpoint(checkpoint_dir / "best.pt", {
                 "model": model.state_dict(), "network": asdict(net_cfg),
                 "train": asdict(cfg), "epoch": epoch, "valid_ppl": best_valid,
                 **(extra or {})})
-        if cfg.schedule == "decay" and epoch >= cfg.decay_after:
-            lr /= cfg.lr_decay
-        elif cfg.schedule == "plateau" and len(history) > 1 \
-                and valid.perplexity >= history[-2]["valid_ppl"]:
-            lr /= cfg.lr_decay
+        lr = next_lr(cfg, epoch, lr, improved)
         save_checkpoint(last, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": torch.get_rng_state(), "network": asdict(net_cfg), "train": asdict(cfg),
-            "epoch": epoch, "best_valid": best_valid, "lr": lr, "history": history,
-            "elapsed": elapsed, **(extra or {})})
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(),
+            "fingerprint": key, "epoch": epoch, "best_valid": best_valid, "lr": lr,
+            "history": history, "elapsed": elapsed, **(extra or {})})
         if on_epoch is not None:
             on_epoch(record)
     if not history:
@@ -162,13 +205,12 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             "parameters": model.num_parameters(), "seconds": elapsed}
 
 
-def load_best(checkpoint_dir: Path, device: str = "cpu") -> LanguageModel:
-    ckpt = torch.load(checkpoint_dir / "best.pt", weights_only=True)
+def load_model(path: Path, device: str = "cpu",
+               vocab_digest: str | None = None) -> LanguageModel:
+    """The model of a best checkpoint; refuses one trained on another vocabulary."""
+    ckpt = load_checkpoint(path, device)
+    if vocab_digest is not None and ckpt.get("vocab_digest") != vocab_digest:
+        raise ValueError(f"{path} was trained on another vocabulary; retrain it")
     model = LanguageModel(NetworkConfig(**ckpt["network"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model
-
-
-def evaluate_best(checkpoint_dir: Path, ids: np.ndarray, eos_id: int, chunk: int,
-                  device: str = "cpu") -> SplitScore:
-    return score_stream(load_best(checkpoint_dir, device), ids, chunk, eos_id, device)

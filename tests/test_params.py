@@ -68,3 +68,49 @@ def test_missing_key_is_named(tmp_path):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"missing key download\.mirror"):
         load_section("download", DownloadParams, path)
+
+
+def train_params_with(tmp_path, edit) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(params["train"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update(models=["lstm", "gru"]),
+     r"train\.models: unknown model 'gru'; known: window, rnn, lstm, lstm2"),
+    (lambda t: t.update(preset="huge"), r"train\.preset: unknown preset 'huge'"),
+    (lambda t: t["presets"]["quick"]["lstm"].update(hidden_size=300),
+     r"train\.presets\.quick\.lstm\.tie_weights: needs embedding_size == hidden_size, "
+     r"got 200 and 300"),
+    (lambda t: t["presets"]["quick"]["rnn"].update(hidden_size=-5),
+     r"train\.presets\.quick\.rnn\.hidden_size: must be positive, got -5"),
+    (lambda t: t["presets"]["quick"]["window"].update(optimizer="lbfgs"),
+     r"train\.presets\.quick\.window\.optimizer: 'lbfgs' is not one of 'sgd', 'adam'"),
+    (lambda t: t["presets"]["quick"]["overrides"]["ptb"]["lstm2"].update(hiden_size=3),
+     r"unknown key train\.presets\.quick\.overrides\.ptb\.lstm2\.hiden_size"),
+    (lambda t: t.update(device="tpu"), r"train\.device: 'tpu' is not one of"),
+])
+def test_bad_train_params_name_the_key(tmp_path, edit, message):
+    from pipeline.train import TrainParams
+
+    with pytest.raises(ParamsError, match=message):
+        load_section("train", TrainParams, train_params_with(tmp_path, edit))
+
+
+def test_every_preset_resolves_for_every_model_and_corpus():
+    from pipeline.train import TrainParams
+
+    params = load_section("train", TrainParams, REPO / "params.yaml")
+    for preset in params.presets:
+        chosen = TrainParams(**{**params.__dict__, "preset": preset})
+        for corpus in ("ptb", "brown", "tinyshakespeare"):
+            for model in params.models:
+                assert chosen.spec(corpus, model).epochs > 0
+    paper = TrainParams(**{**params.__dict__, "preset": "paper"}).spec("ptb", "lstm2")
+    # Zaremba et al. 2014, medium
+    assert (paper.hidden_size, paper.dropout, paper.epochs, paper.lr, paper.lr_decay,
+            paper.decay_after, paper.clip, paper.batch_size, paper.bptt, paper.init_range) == \
+        (650, 0.5, 39, 1.0, 1.2, 6, 5.0, 20, 35, 0.05)

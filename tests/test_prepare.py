@@ -89,3 +89,12 @@ def test_non_utf8_bytes_are_named(tmp_path):
     with pytest.raises(CorpusError, match=r"all.txt: byte 14 \(0xff\) is not valid UTF-8"):
         prepare_corpus("custom", raw, tmp_path / "out", PrepareParamsWord)
     assert not (tmp_path / "out").exists()
+
+
+def test_decode_keeps_character_spaces_and_word_lines():
+    from pipeline.dataset import Vocabulary
+
+    chars = Vocabulary((EOS, UNK, "a", " ", "b"), "char")
+    assert chars.decode([2, 3, 0, 3, 4]) == "a \n b"
+    words = Vocabulary((EOS, UNK, "the", "cat"), "word")
+    assert words.decode([2, 3, 0, 2]) == "the cat\nthe"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.networks import KINDS, NetworkConfig
-from pipeline.training import TrainConfig, TrainingDiverged, load_best, train_model
+from pipeline.training import TrainConfig, TrainingDiverged, load_model, next_lr, train_model
 
 V = 8
 # a stream with structure: a cycle 2 3 4 5 6 <eos>, with every 7th token replaced at random
@@ -25,7 +25,7 @@ def net(kind, **changes):
 
 def train_cfg(**changes):
     base = dict(batch_size=4, bptt=10, epochs=6, optimizer="adam", lr=0.01, schedule="decay",
-                lr_decay=1.2, decay_after=3, clip=5.0, time_budget_s=0, seed=0, eval_chunk=50)
+                lr_decay=1.2, decay_after=3, clip=5.0, time_budget_s=0, seed=0)
     return TrainConfig(**{**base, **changes})
 
 
@@ -39,7 +39,7 @@ def test_each_architecture_learns_the_stream(kind, tmp_path):
     assert history[-1]["train_ppl"] < 2.6
     assert result["best_valid_ppl"] < 2.6
     assert history[-1]["lr"] == pytest.approx(0.01 / 1.2**3)  # decayed after epochs 3, 4, 5
-    best = load_best(tmp_path)  # loads with weights_only=True
+    best = load_model(tmp_path / "best.pt")  # loads with weights_only=True
     assert best.num_parameters() == result["parameters"]
 
 
@@ -66,3 +66,31 @@ def test_divergence_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
         train_model(net("rnn", init_range=1.0), train_cfg(optimizer="sgd", lr=1e30, clip=0),
                     TRAIN, VALID, 0, tmp_path)
+
+
+def test_resume_point_is_ignored_when_data_or_config_changed(tmp_path, capsys):
+    torch.set_num_threads(1)
+    cfg = train_cfg(epochs=1)
+    train_model(net("rnn"), cfg, TRAIN, VALID, 0, tmp_path)
+    capsys.readouterr()
+    # same everything: the finished run is picked up, not retrained
+    train_model(net("rnn"), cfg, TRAIN, VALID, 0, tmp_path)
+    assert "resuming from" in capsys.readouterr().out
+    # other training data: a fresh start, never a silent continuation
+    train_model(net("rnn"), cfg, TRAIN[::-1].copy(), VALID, 0, tmp_path)
+    assert "training from scratch" in capsys.readouterr().out
+    train_model(net("rnn"), train_cfg(epochs=1, lr=0.02), TRAIN, VALID, 0, tmp_path)
+    assert "training from scratch" in capsys.readouterr().out
+
+
+def test_learning_rate_schedules():
+    zaremba = train_cfg(schedule="decay", lr=1.0, lr_decay=1.2, decay_after=6)
+    lr, rates = 1.0, []
+    for epoch in range(1, 10):
+        rates.append(lr)
+        lr = next_lr(zaremba, epoch, lr, improved=True)
+    # epochs 1-6 at lr 1, then divided by 1.2 each epoch
+    assert rates == pytest.approx([1, 1, 1, 1, 1, 1, 1 / 1.2, 1 / 1.2**2, 1 / 1.2**3])
+    plateau = train_cfg(schedule="plateau", lr=20.0, lr_decay=4.0)
+    assert next_lr(plateau, 3, 20.0, improved=True) == 20.0
+    assert next_lr(plateau, 3, 20.0, improved=False) == 5.0
