@@ -50,11 +50,12 @@ def workspace(tmp_path_factory, mirror):
     params["download"]["custom_path"] = str(corpus)
     params["ngram"]["orders"] = [2, 3]
     # neural models as small as they come: this checks the plumbing, not the quality
-    quick = params["train"]["presets"]["quick"]
-    for model in params["train"]["models"]:
-        quick[model].update(embedding_size=16, hidden_size=16, epochs=2, time_budget_s=0,
-                            batch_size=16, bptt=20)
-    quick["overrides"] = {}
+    for preset in params["train"]["presets"].values():
+        for model in params["train"]["models"]:
+            preset[model].update(embedding_size=16, hidden_size=16, epochs=2,
+                                 time_budget_s=0, batch_size=16, bptt=20)
+        preset["overrides"] = {}
+    params["train"]["presets"]["paper"]["lstm2"]["epochs"] = 3  # tell the presets apart
     params["sample"]["words"] = 12
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
@@ -63,6 +64,10 @@ def workspace(tmp_path_factory, mirror):
     env.pop("LMB_MIRROR", None)
     run(["git", "init", "-q"], repo, env)
     first = run([str(BIN / "dvc"), "repro"], repo, env)
+    # `dvc exp run` needs a commit to branch from
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm",
+         "pipeline run"], repo, env)
     return repo, env, first
 
 
@@ -124,3 +129,14 @@ def test_second_repro_reruns_nothing_and_new_order_reruns_only_its_stages(worksp
     assert {"kn2", "kn3", "kn4"} <= set(table["model"])
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
     assert "test_ppl" in shown and "kn4" in shown
+
+
+def test_one_param_switches_to_the_paper_preset(workspace):
+    repo, env, _ = workspace
+    log = run([str(BIN / "dvc"), "exp", "run", "-S", "train.preset=paper"], repo, env)
+    # every neural model retrains under the other preset; nothing upstream reruns
+    assert {s for s in ran_stages(log) if s.startswith("train@")} == {
+        f"train@custom-{m}" for m in ("window", "rnn", "lstm", "lstm2")}
+    assert not {s for s in ran_stages(log) if s.startswith(("download@", "prepare@", "ngram@"))}
+    lstm2 = json.loads((repo / "reports" / "metrics" / "custom" / "lstm2.json").read_text())
+    assert lstm2["preset"] == "paper" and lstm2["epochs"] == 3
