@@ -16,7 +16,7 @@ export LMB_MIRROR
 DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-dev \
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
-.PHONY: setup system-deps kenlm run test lint ui clean
+.PHONY: setup system-deps browser-deps kenlm run test lint ui screenshots clean
 
 setup: $(VENV)/.installed kenlm
 
@@ -39,6 +39,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# Headless Chromium for the UI checks (tests/ui_check.py).
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium (for the browser checks)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else \
+	    echo "the browser checks need Chromium; install it as root: sudo apt-get install chromium"; \
+	    exit 1; \
+	  fi; \
+	fi
+
 kenlm: system-deps $(VENV)/.installed
 	@$(BIN)/python -m pipeline.kenlm_tools > /dev/null
 
@@ -46,7 +59,7 @@ run: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@cat reports/leaderboard.md
 
-test: setup
+test: setup browser-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
 lint: setup
@@ -54,8 +67,11 @@ lint: setup
 
 # MLflow UI on the local store, loopback only.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
-		--host 127.0.0.1 --port $${PORT:-5000}
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.tracking --port $${PORT:-5000}
+
+# Screenshots of the MLflow runs table and reports/leaderboard.html, from this checkout's store.
+screenshots: setup browser-deps
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.ui_check --out reports/screenshots
 
 clean:
 	rm -rf data models reports/metrics mlflow.db mlruns

@@ -27,6 +27,8 @@ def atomic_path(dest: Path | str, directory: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual modes
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
         if directory and dest.exists():
@@ -38,6 +40,12 @@ def atomic_path(dest: Path | str, directory: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(dest: Path | str, text: str) -> None:

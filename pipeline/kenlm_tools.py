@@ -23,11 +23,6 @@ from pathlib import Path
 
 KENLM_VERSION = "0.3.0"
 TOOLS = ("lmplz", "build_binary")
-# Debian packages the C++ build needs; the Makefile installs them when run as root.
-DEBIAN_PACKAGES = (
-    "libboost-program-options-dev libboost-system-dev libboost-thread-dev "
-    "libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev"
-)
 
 
 class KenLMToolsMissing(RuntimeError):
@@ -67,8 +62,8 @@ def build(jobs: int | None = None) -> Path:
             raise KenLMToolsMissing(f"building KenLM needs `{exe}` on PATH")
     if not Path("/usr/include/boost/program_options.hpp").exists():
         raise KenLMToolsMissing(
-            "building KenLM needs the Boost headers; install the Debian packages: "
-            f"apt-get install {DEBIAN_PACKAGES}"
+            "building KenLM needs Boost, zlib, bz2 and lzma headers: run `make system-deps` "
+            "as root (the Makefile lists the Debian packages)"
         )
     jobs = jobs or os.cpu_count() or 1
     bin_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import tracking
-from pipeline.atomic import write_text
+from pipeline.atomic import write_json, write_text
 from pipeline.dataset import EOS, PreparedCorpus, Vocabulary
 from pipeline.lineup import configured_models, is_ngram
 from pipeline.ngram import kenlm_word
@@ -106,20 +106,21 @@ def sample_neural(model_path: Path, vocab: Vocabulary, prompt: list[int], length
     return generated
 
 
-def render(corpus: str, params: SampleParams, vocab: Vocabulary,
-           samples: dict[str, list[int]], prompt: list[int]) -> str:
-    lines = [f"# Samples: {corpus}", "",
-             f"seed {params.seed}, temperature {params.temperature}, "
-             f"prompt {params.prompt!r}" + (" (empty: each model starts after an end of line)"
-                                            if not params.prompt else ""), ""]
-    for model, ids in samples.items():
-        text = vocab.decode(prompt + ids)
+def render_markdown(record: dict) -> str:
+    """The sample report of one corpus (the record `sample_corpus` returns)."""
+    prompt = record["prompt"]
+    lines = [f"# Samples: {record['corpus']}", "",
+             f"seed {record['seed']}, temperature {record['temperature']}, "
+             f"{record['length']} tokens, prompt {prompt!r}"
+             + (" (empty: each model starts after an end of line)" if not prompt else ""), ""]
+    for model, text in record["samples"].items():
         lines += [f"## {model}", "", "```text", text.rstrip("\n"), "```", ""]
     return "\n".join(lines)
 
 
 def sample_corpus(corpus: str, data_dir: Path, models_dir: Path, models: list[str],
-                  params: SampleParams) -> str:
+                  params: SampleParams) -> dict:
+    """Every model's continuation of the prompt: {corpus, seed, ..., samples: {model: text}}."""
     vocab = PreparedCorpus(data_dir).vocabulary()
     prompt = encode_prompt(params.prompt, vocab)
     length = params.chars if vocab.level == "char" else params.words
@@ -131,7 +132,9 @@ def sample_corpus(corpus: str, data_dir: Path, models_dir: Path, models: list[st
         else:
             samples[model] = sample_neural(models_dir / f"{model}.pt", vocab, prompt, length,
                                            params.temperature, params.seed)
-    return render(corpus, params, vocab, samples, prompt)
+    return {"corpus": corpus, "seed": params.seed, "temperature": params.temperature,
+            "length": length, "prompt": params.prompt,
+            "samples": {m: vocab.decode(prompt + ids) for m, ids in samples.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,15 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--models", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="the Markdown report")
+    parser.add_argument("--out-json", required=True, type=Path, help="the same, as data")
     args = parser.parse_args(argv)
     params = load_section("sample", SampleParams)
     models = configured_models()[args.corpus]
-    write_text(args.out, sample_corpus(args.corpus, args.data, args.models, models, params))
+    record = sample_corpus(args.corpus, args.data, args.models, models, params)
+    write_json(args.out_json, record)
+    write_text(args.out, render_markdown(record))
     print(f"{args.corpus}: samples from {len(models)} models in {args.out}")
     with tracking.model_run(args.corpus, "samples", "report", f"sample@{args.corpus}",
                             asdict(params)) as run:
         run.log_artifact(args.out)
+        run.log_artifact(args.out_json)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ purpose: where runs are recorded does not change any result.
 One experiment per corpus, one run per model (`ptb/kn5`), tagged with corpus,
 model, family, preset, git commit and DVC stage so runs can be filtered in the UI:
 
-    mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+    python -m pipeline.tracking [--port 5000]     # = make ui
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -105,6 +106,9 @@ def model_run(corpus: str, model: str, family: str, stage: str,
 
     mlflow.set_tracking_uri(tracking_uri())
     _retry(lambda: mlflow.set_experiment(corpus), "open the experiment")
+    # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI view)
+    _retry(lambda: mlflow.set_experiment_tag("mlflow.experimentKind",
+                                             "custom_model_development"), "tag the experiment")
     tags = {
         "corpus": corpus,
         "model": model,
@@ -124,3 +128,18 @@ def model_run(corpus: str, model: str, family: str, stage: str,
         status = "FINISHED"
     finally:
         _retry(lambda: mlflow.end_run(status=status), "end the run")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the MLflow UI on the tracking store, on the loopback interface only."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    cmd = ["mlflow", "ui", "--backend-store-uri", tracking_uri(), "--host", "127.0.0.1",
+           "--port", str(args.port)]
+    print(" ".join(cmd))
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

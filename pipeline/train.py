@@ -159,6 +159,8 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
 
     data = PreparedCorpus(data_dir)
     vocab = data.vocabulary()
+    if vocab.eos_id != 0:  # the window model's start context is id 0 (see networks.py)
+        raise RuntimeError(f"{data_dir}: <eos> must be token id 0 (rerun prepare)")
     spec = params.spec(corpus, model)
     device = pick_device(params.device)
     logged: set[int] = set()

@@ -35,6 +35,14 @@ PREPARE_PARAMS = PrepareParams(custom=CustomCorpusParams(level="word", ratios=(0
                                                          min_count=1))
 
 
+def write_custom_splits(folder: Path, train: str, valid: str, test: str) -> Path:
+    """A `custom` corpus folder with the three split files."""
+    folder.mkdir(parents=True)
+    for name, text in (("train", train), ("valid", valid), ("test", test)):
+        (folder / f"{name}.txt").write_text(text)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, mirror):
     """prepare(name) -> folder of the real corpus `name`, downloaded from the mirror."""

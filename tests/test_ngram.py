@@ -7,6 +7,7 @@ import pytest
 from pipeline.dataset import PreparedCorpus
 from pipeline.ngram import NgramError, NgramParams, build_ngram
 from pipeline.prepare import prepare_corpus
+from tests.conftest import write_custom_splits
 from tests.test_prepare import PrepareParamsWord
 
 PARAMS = NgramParams(orders=(2, 3), discount_fallback=(), memory="200M")
@@ -25,11 +26,7 @@ def test_ptb_trigram(prepared, tmp_path):
 
 
 def tiny_corpus(tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "train.txt").write_text("a b\nb a\na b\n")
-    (raw / "valid.txt").write_text("a b\n")
-    (raw / "test.txt").write_text("b a\n")
+    raw = write_custom_splits(tmp_path / "raw", "a b\nb a\na b\n", "a b\n", "b a\n")
     out = tmp_path / "prepared"
     prepare_corpus("custom", raw, out, PrepareParamsWord)
     return out

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests import ui_check
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -129,6 +131,69 @@ def test_second_repro_reruns_nothing_and_new_order_reruns_only_its_stages(worksp
     assert {"kn2", "kn3", "kn4"} <= set(table["model"])
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
     assert "test_ppl" in shown and "kn4" in shown
+
+
+def test_report_page_and_plots(workspace):
+    repo, env, log = workspace
+    assert "report" in ran_stages(log)
+    page = (repo / "reports" / "leaderboard.html").read_text()
+    assert "<h2 id='custom'>" in page and "class=\"best\"" in page
+    for model in ["kn2", "kn3", "window", "rnn", "lstm", "lstm2"]:
+        assert f"<td>{model}</td>" in page or f"★ {model}</td>" in page
+        assert f"<h4>{model}</h4>" in page  # its sample, side by side with the others
+    assert page.count("data:image/png;base64,") == 4  # curves, size, orders, published
+    assert "http://" not in page and "https://" not in page  # opens offline
+    plots = sorted(p.name for p in (repo / "reports" / "plots").iterdir())
+    assert plots == ["custom-curves.png", "custom-orders.png", "custom-size.png",
+                     "published.png"]
+
+
+def test_learning_curve_plot_has_one_line_per_model(workspace):
+    from pipeline.report import load_curves, plot_curves
+
+    repo, _, _ = workspace
+    table = pd.read_csv(repo / "reports" / "leaderboard.csv")
+    neural = ["window", "rnn", "lstm", "lstm2"]
+    curves = load_curves(repo / "reports" / "curves", "custom", neural)
+    fig = plot_curves("custom", curves, table)
+    by_epoch, by_time = fig.axes
+    labels = [line.get_label() for line in by_epoch.lines]
+    assert labels[:4] == neural and len(by_time.lines) == 5  # + the best n-gram, dashed
+    assert list(by_epoch.lines[0].get_xdata()) == [1, 2]
+
+
+def test_mlflow_server_serves_every_run_and_curve(workspace):
+    repo, env, _ = workspace
+    with ui_check.mlflow_server(env["MLFLOW_TRACKING_URI"]) as url:
+        experiment = ui_check.rest(url, "experiments/get-by-name?experiment_name=custom")
+        runs = ui_check.rest(url, "runs/search", {
+            "experiment_ids": [experiment["experiment"]["experiment_id"]]})["runs"]
+        by_name = {r["info"]["run_name"]: r for r in runs}
+        assert {"custom/kn2", "custom/kn3", "custom/window", "custom/rnn", "custom/lstm",
+                "custom/lstm2", "custom/samples"} <= set(by_name)
+        for model in ("window", "rnn", "lstm", "lstm2"):
+            run_id = by_name[f"custom/{model}"]["info"]["run_id"]
+            history = ui_check.rest(
+                url, f"metrics/get-history?run_id={run_id}&metric_key=epoch_valid_ppl")
+            assert [m["step"] for m in history["metrics"]] == [1, 2]
+        summary = ui_check.rest(url, "experiments/get-by-name?experiment_name=summary")
+        runs = ui_check.rest(url, "runs/search", {
+            "experiment_ids": [summary["experiment"]["experiment_id"]]})["runs"]
+        assert [r["info"]["run_name"] for r in runs] == ["summary/leaderboard"]
+
+
+def test_browser_shows_the_runs_and_the_report(workspace):
+    repo, env, _ = workspace
+    shots = repo.parent / "screenshots"
+    report = (repo / "reports" / "leaderboard.html").as_uri()
+    assert "lstm2" in ui_check.page_text(report, wait_ms=2000)
+    assert ui_check.screenshot(report, shots / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+    with ui_check.mlflow_server(env["MLFLOW_TRACKING_URI"]) as url:
+        page = ui_check.experiment_url(url, "custom")
+        dom = ui_check.page_text(page)
+        for model in ("kn2", "window", "lstm2"):
+            assert f"custom/{model}" in dom  # the run table, rendered by the UI's scripts
+        assert ui_check.screenshot(page, shots / "mlflow.png").stat().st_size > 10_000
 
 
 def test_one_param_switches_to_the_paper_preset(workspace):

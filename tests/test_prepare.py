@@ -8,6 +8,7 @@ import pytest
 from pipeline.corpora import CorpusError
 from pipeline.dataset import EOS, UNK, PreparedCorpus
 from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
+from tests.conftest import write_custom_splits
 
 
 def test_ptb_counts_match_the_published_ones(prepared):
@@ -54,11 +55,7 @@ def test_tinyshakespeare_is_characters(prepared):
 
 
 def test_vocabulary_comes_from_train_only(tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "train.txt").write_text("a b a\nb c\n")
-    (raw / "valid.txt").write_text("a z\n")
-    (raw / "test.txt").write_text("q\n")
+    raw = write_custom_splits(tmp_path / "raw", "a b a\nb c\n", "a z\n", "q\n")
     meta = prepare_corpus("custom", raw, tmp_path / "out", PrepareParamsWord)
     assert meta["tokens"] == [EOS, UNK, "a", "b", "c"]
     assert meta["oov_per_split"] == {"train": 0, "valid": 1, "test": 1}
@@ -71,11 +68,7 @@ PrepareParamsWord = PrepareParams(CustomCorpusParams("word", (0.8, 0.1, 0.1), 1)
 
 
 def test_empty_split_is_an_error_and_writes_nothing(tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "train.txt").write_text("a b\n")
-    (raw / "valid.txt").write_text("")
-    (raw / "test.txt").write_text("a\n")
+    raw = write_custom_splits(tmp_path / "raw", "a b\n", "", "a\n")
     with pytest.raises(CorpusError, match="valid split is empty"):
         prepare_corpus("custom", raw, tmp_path / "out", PrepareParamsWord)
     assert not (tmp_path / "out").exists()
