@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
 from pipeline.atomic import atomic_path, write_text  # noqa: E402
@@ -71,6 +71,7 @@ def plot_curves(corpus: str, curves: dict[str, pd.DataFrame], table: pd.DataFram
                  title=f"{corpus}: learning curves")
     by_time.set(xlabel="training time (minutes)", title=f"{corpus}: against wall time")
     by_epoch.legend(fontsize="small")
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
     _plain_log_labels(by_epoch.yaxis)
     for ax in (by_epoch, by_time):
         ax.grid(alpha=0.3, which="both")

@@ -145,11 +145,7 @@ def pick_device(requested: str) -> str:
             raise ParamsError(f"train.device: {requested} requested but this machine has "
                               "no such device (use auto or cpu)")
         return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return next(name for name in ("cuda", "mps", "cpu") if available[name])
 
 
 def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, out: Path,
