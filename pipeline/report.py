@@ -25,12 +25,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
 from pipeline.atomic import atomic_path, write_text  # noqa: E402
 from pipeline.leaderboard import SCORING_NOTE  # noqa: E402
 from pipeline.lineup import is_ngram  # noqa: E402
+
+
+def _size_labels(axis) -> None:
+    """Label a log axis of counts 300k, 2M, ... (major ticks only)."""
+    axis.set_major_formatter(FuncFormatter(
+        lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _plain_log_labels(axis) -> None:
@@ -72,6 +79,9 @@ def plot_curves(corpus: str, curves: dict[str, pd.DataFrame], table: pd.DataFram
     by_time.set(xlabel="training time (minutes)", title=f"{corpus}: against wall time")
     by_epoch.legend(fontsize="small")
     by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last_epoch = max(int(curve["epoch"].max()) for curve in curves.values())
+    by_epoch.set_xlim(0.5, last_epoch + 0.5)
+    by_time.ticklabel_format(axis="x", useOffset=False)
     _plain_log_labels(by_epoch.yaxis)
     for ax in (by_epoch, by_time):
         ax.grid(alpha=0.3, which="both")
@@ -90,6 +100,7 @@ def plot_size(corpus: str, table: pd.DataFrame):
                         xytext=(4, 4), fontsize="small")
     ax.set(xscale="log", xlabel="model size", ylabel="test perplexity",
            title=f"{corpus}: test perplexity against size")
+    _size_labels(ax.xaxis)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3, which="both")
     return fig
