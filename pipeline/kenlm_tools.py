@@ -52,6 +52,14 @@ def is_built() -> bool:
     return all(os.access(cache_dir() / "bin" / t, os.X_OK) for t in TOOLS)
 
 
+def _quiet(cmd: list[str], cwd: Path) -> None:
+    """Run a build step; its (warning-heavy) output is shown only if it fails."""
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KenLMToolsMissing(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}"
+                                f"\n{result.stderr[-3000:]}")
+
+
 def build(jobs: int | None = None) -> Path:
     """Compile lmplz and build_binary from the kenlm sdist into cache_dir()/bin."""
     bin_dir = cache_dir() / "bin"
@@ -82,14 +90,9 @@ def build(jobs: int | None = None) -> Path:
         build_dir.mkdir()
         # KENLM_MAX_ORDER=6 matches the Python module's default, so every binary
         # that build_binary writes can be loaded by `kenlm.Model`.
-        subprocess.run(
-            ["cmake", "..", "-DCMAKE_BUILD_TYPE=Release", "-DKENLM_MAX_ORDER=6"],
-            cwd=build_dir, check=True, stdout=subprocess.DEVNULL,
-        )
-        subprocess.run(
-            ["make", f"-j{jobs}", *TOOLS], cwd=build_dir, check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        print(f"building KenLM {KENLM_VERSION}'s {' and '.join(TOOLS)} (about a minute)")
+        _quiet(["cmake", "..", "-DCMAKE_BUILD_TYPE=Release", "-DKENLM_MAX_ORDER=6"], build_dir)
+        _quiet(["make", f"-j{jobs}", *TOOLS], build_dir)
         staged = work / "bin"
         staged.mkdir()
         for tool in TOOLS:
