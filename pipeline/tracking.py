@@ -5,7 +5,13 @@ Store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory
 purpose: where runs are recorded does not change any result.
 
 One experiment per corpus, one run per model (`ptb/kn5`), tagged with corpus,
-model, family, preset, git commit and DVC stage so runs can be filtered in the UI:
+model, family, preset, git commit and DVC stage so runs can be filtered in the UI.
+
+Tracking never costs a result: every store call is retried a bounded number of
+times (SQLite answers "database is locked" while another process writes, e.g.
+two `dvc queue` workers); if the store stays unavailable, the stage still does
+its work and writes its outputs, and `model_run` raises a TrackingError naming
+the store when the stage ends, so DVC reruns it once the store is fixed.
 
     python -m pipeline.tracking [--port 5000]     # = make ui
 """
@@ -24,6 +30,7 @@ from typing import Any, TypeVar
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 RETRIES = 5
+FIRST_DELAY_S = 0.5  # doubled after each failed try
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -47,21 +54,22 @@ def git_commit() -> str:
 
 
 def _retry(action: Callable[[], T], what: str) -> T:
+    """SQLite stores answer 'database is locked' while another run writes; retry a bounded
+    number of times with backoff, then fail with a message naming the store."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    """SQLite stores answer 'database is locked' while another run writes; retry a bounded
-    number of times with backoff, then fail with a message naming the store."""
-    delay = 0.5
+    delay = FIRST_DELAY_S
     for attempt in range(1, RETRIES + 1):
         try:
             return action()
         except (MlflowException, SQLAlchemyError, OSError) as exc:  # store errors only
             if attempt == RETRIES:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise TrackingError(
                     f"MLflow store {tracking_uri()} failed to {what} after {RETRIES} tries: "
-                    f"{exc}. The stage's metrics file was written; fix the store (or set "
-                    "MLFLOW_TRACKING_URI) and rerun."
+                    f"{type(exc).__name__}: {first_line}. The stage's outputs were written; "
+                    "fix the store (or set MLFLOW_TRACKING_URI) and rerun."
                 ) from exc
             log.warning("MLflow %s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
@@ -81,34 +89,50 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class RunLogger:
-    """What a stage logs into its open run."""
+    """What a stage logs into its open run. After the store has failed for good, logging
+    is skipped (the stage goes on) and `failure` holds the error to raise at the end."""
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.failure: TrackingError | None = None
+
+    def call(self, action: Callable[[], T], what: str) -> T | None:
+        if self.failure is not None:
+            return None
+        try:
+            return _retry(action, what)
+        except TrackingError as exc:
+            self.failure = exc
+            log.error("%s; the stage goes on without tracking and fails at its end", exc)
+            return None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        _retry(lambda: mlflow.log_metrics(numeric, step=step), "log metrics")
+        self.call(lambda: mlflow.log_metrics(numeric, step=step), "log metrics")
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         import mlflow
 
-        _retry(lambda: mlflow.log_artifact(str(path), artifact_path=folder), "log an artifact")
+        self.call(lambda: mlflow.log_artifact(str(path), artifact_path=folder),
+                  "log an artifact")
 
 
 @contextlib.contextmanager
 def model_run(corpus: str, model: str, family: str, stage: str,
               params: dict[str, Any], preset: str = "default") -> Iterator[RunLogger]:
-    """Open the MLflow run of one model of one corpus; log its params and tags."""
+    """Open the MLflow run of one model of one corpus; log its params and tags.
+    Raises TrackingError at the end of the block if the store failed for good."""
     import mlflow  # imported here: it is slow to import and only stages that log need it
 
     mlflow.set_tracking_uri(tracking_uri())
-    _retry(lambda: mlflow.set_experiment(corpus), "open the experiment")
+    logger = RunLogger()
+    logger.call(lambda: mlflow.set_experiment(corpus), "open the experiment")
     # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI view)
-    _retry(lambda: mlflow.set_experiment_tag("mlflow.experimentKind",
-                                             "custom_model_development"), "tag the experiment")
+    logger.call(lambda: mlflow.set_experiment_tag("mlflow.experimentKind",
+                                                  "custom_model_development"),
+                "tag the experiment")
     tags = {
         "corpus": corpus,
         "model": model,
@@ -118,16 +142,23 @@ def model_run(corpus: str, model: str, family: str, stage: str,
         "dvc_stage": stage,
         "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
     }
-    run = _retry(lambda: mlflow.start_run(run_name=f"{corpus}/{model}", tags=tags),
-                 "start a run")
+    run = logger.call(lambda: mlflow.start_run(run_name=f"{corpus}/{model}", tags=tags),
+                      "start a run")
+    if run is not None:
+        logger.run_id = run.info.run_id
+        flat = {k: str(v) for k, v in _flatten(params).items()}
+        logger.call(lambda: mlflow.log_params(flat), "log params")
     status = "FAILED"
     try:
-        flat = {k: str(v) for k, v in _flatten(params).items()}
-        _retry(lambda: mlflow.log_params(flat), "log params")
-        yield RunLogger(run.info.run_id)
+        yield logger
         status = "FINISHED"
     finally:
-        _retry(lambda: mlflow.end_run(status=status), "end the run")
+        if logger.run_id is not None:
+            if logger.failure is not None:
+                status = "FAILED"  # its record is incomplete
+            logger.call(lambda: mlflow.end_run(status=status), "end the run")
+    if logger.failure is not None:
+        raise logger.failure
 
 
 def main(argv: list[str] | None = None) -> None:

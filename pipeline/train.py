@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from pipeline.dataset import PreparedCorpus
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import ParamsError, build, load_section, require
 from pipeline.perplexity import score_stream
-from pipeline.training import TrainConfig, load_model, train_model
+from pipeline.training import TrainConfig, TrainingInterrupted, load_model, train_model
 
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",
@@ -92,6 +93,7 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda", "mps"]
     bf16: bool  # bfloat16 autocast for training on CUDA
     eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
+    checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = epoch ends only
     presets: dict
 
     def validate(self, key: str) -> None:
@@ -102,6 +104,8 @@ class TrainParams:
                 f"unknown preset {self.preset!r}; defined: {', '.join(self.presets)}")
         require(self.eval_chunk > 0, f"{key}.eval_chunk",
                 f"must be positive, got {self.eval_chunk}")
+        require(self.checkpoint_every_s >= 0, f"{key}.checkpoint_every_s",
+                f"must be >= 0, got {self.checkpoint_every_s}")
         preset = self.presets[self.preset]
         for name in preset:
             require(name in (*KINDS, "overrides"), f"{key}.presets.{self.preset}",
@@ -133,6 +137,10 @@ class TrainParams:
             name, problem = problems[0]
             raise ParamsError(f"{key}.{model}.{name}: {problem}")
         return spec
+
+
+class OutOfMemory(RuntimeError):
+    pass
 
 
 def pick_device(requested: str) -> str:
@@ -179,12 +187,17 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
     try:
         result = train_model(spec.network(model, len(vocab)), spec.training(),
                              data.ids("train"), data.ids("valid"), vocab.eos_id, checkpoints,
-                             device, on_epoch, params.bf16, extra, params.eval_chunk)
-    except torch.OutOfMemoryError as exc:
-        raise RuntimeError(
+                             device, on_epoch, params.bf16, extra, params.eval_chunk,
+                             params.checkpoint_every_s)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError saying so
+        if not isinstance(exc, torch.OutOfMemoryError) and \
+                "can't allocate memory" not in str(exc):
+            raise
+        raise OutOfMemory(
             f"{device} ran out of memory training {corpus}/{model} with batch_size "
             f"{spec.batch_size}: lower train.presets.{params.preset}.{model}.batch_size "
-            f"(or bptt / hidden_size). {exc}"
+            f"(or bptt / hidden_size). {str(exc).splitlines()[0]}"
         ) from None
     history = result["history"]
     for record in history:  # epochs from before a resume went to an earlier run
@@ -237,8 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.model_run(args.corpus, args.model, "neural",
                             f"train@{args.corpus}-{args.model}", asdict(spec),
                             preset=params.preset) as run:
-        metrics = train_and_score(args.corpus, args.model, args.data, args.checkpoints,
-                                  args.out, args.curve, params, run)
+        try:
+            metrics = train_and_score(args.corpus, args.model, args.data, args.checkpoints,
+                                      args.out, args.curve, params, run)
+        except TrainingInterrupted as exc:
+            print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun `dvc repro` to "
+                  "resume from there", file=sys.stderr)
+            sys.exit(130)
         # written before the final MLflow calls: a broken store never costs the result
         write_json(args.metrics, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k.startswith(("valid_", "test_"))

@@ -10,10 +10,14 @@ and detached (truncated back-propagation through time):
     column 2: i j | k l
 
 Checkpoints (state dicts plus plain data, loadable with weights_only=True):
-`last.pt` after every epoch (resume point, used only when its fingerprint of
-configuration, data and training code matches), `best.pt` at the best
-validation perplexity. Validation uses the exact stream scorer of
-pipeline/perplexity.py.
+`last.pt` is the resume point. It is written after every epoch, every
+`checkpoint_every_s` seconds of training, and when SIGINT (Ctrl-C) or SIGTERM
+arrives; a mid-epoch one also holds the position in the epoch, the carried
+state and the RNG state, so a resumed run continues exactly where the
+interrupted one stopped and ends with the same numbers. It is used only when
+its fingerprint of configuration, data and training code matches. `best.pt`
+holds the model at the best validation perplexity. Validation uses the exact
+stream scorer of pipeline/perplexity.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,6 +44,36 @@ from pipeline.perplexity import SplitScore, stream_nll
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+
+
+class _StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request that the loop honours between steps, so the
+    checkpoint it then writes is consistent (never a half-applied optimizer step). A
+    second signal acts at once, as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signals need it
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -96,6 +132,15 @@ def _rng_state() -> dict:
     return state
 
 
+def _to_device(state, device: str):
+    """A carried recurrent state (None, a tensor or a tuple of them) on `device`."""
+    if state is None:
+        return None
+    if isinstance(state, tuple | list):
+        return tuple(s.to(device) for s in state)
+    return state.to(device)
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
@@ -114,91 +159,128 @@ def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:
 def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
                 on_epoch: Callable[[dict], None] | None = None, bf16: bool = False,
-                extra: dict | None = None, eval_chunk: int = 512) -> dict:
+                extra: dict | None = None, eval_chunk: int = 512,
+                checkpoint_every_s: float = 0) -> dict:
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
     configuration, data and code; return a summary. `extra` (plain data) is stored in
-    the checkpoints; `eval_chunk` only sets the scorer's pass length."""
+    the checkpoints; `eval_chunk` only sets the scorer's pass length and
+    `checkpoint_every_s` (0 = epoch ends only) how often a mid-epoch resume point is
+    written; neither changes the result. Raises TrainingInterrupted on SIGINT/SIGTERM,
+    after writing a resume point."""
     torch.manual_seed(cfg.seed)
     autocast = bf16 and device.startswith("cuda")
     model = LanguageModel(net_cfg).to(device)
     opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr) if cfg.optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=cfg.lr))
     x, y = batchify(train_ids, cfg.batch_size)
+    steps_per_epoch = math.ceil(x.size(1) / cfg.bptt)
     key = fingerprint(net_cfg, cfg, train_ids, valid_ids)
     history: list[dict] = []
     start_epoch, best_valid, lr, elapsed = 1, math.inf, cfg.lr, 0.0
+    position = None  # where a mid-epoch resume point left off
     last = checkpoint_dir / "last.pt"
-    ckpt = load_checkpoint(last) if last.exists() else None
+    ckpt = load_checkpoint(last) if last.exists() else None  # on the CPU: RNG states
     if ckpt is not None and ckpt.get("fingerprint") != key:
         print(f"{last} belongs to another configuration, data or code: training from scratch")
     elif ckpt is not None:
-        print(f"resuming from {last} (epoch {ckpt['epoch']} done)")
+        position = ckpt.get("position")
+        where = (f"epoch {position['epoch']}, step {position['step']} of {steps_per_epoch}"
+                 if position else f"epoch {ckpt['epoch']} done")
+        print(f"resuming from {last} ({where})")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
         start_epoch, best_valid, lr = ckpt["epoch"] + 1, ckpt["best_valid"], ckpt["lr"]
         history, elapsed = ckpt["history"], ckpt["elapsed"]
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        t0 = time.perf_counter()
-        state, nll, count = None, 0.0, 0
-        steps = range(0, x.size(1), cfg.bptt)
-        bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.epochs}", unit=" step", leave=False,
-                   disable=None)  # None: no bar when output is not a terminal (logs)
-        for start in bar:
-            xb = x[:, start : start + cfg.bptt].to(device)  # (B, T)
-            yb = y[:, start : start + cfg.bptt].to(device)  # (B, T)
-            state = detach(state)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                _, loss, state = model(xb, yb, state)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {start // cfg.bptt}: "
-                    f"lower the learning rate (lr={lr}) or enable gradient clipping"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            nll += loss.item() * yb.numel()
-            count += yb.numel()
-            bar.set_postfix(loss=f"{loss.item():.3f}",
-                            tok_s=f"{count / (time.perf_counter() - t0):.0f}")
-            if cfg.time_budget_s and elapsed + time.perf_counter() - t0 >= cfg.time_budget_s:
-                break  # the budget ends this (possibly partial) epoch
-        seconds = time.perf_counter() - t0
-        elapsed += seconds
-        valid_nll, valid_tokens = stream_nll(model, valid_ids, eval_chunk, eos_id, device)
-        if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
-            raise TrainingDiverged(
-                f"validation loss {valid_nll / valid_tokens:.3g} nats/token after epoch "
-                f"{epoch}: the run diverged; lower the learning rate (lr={lr}) or clip "
-                "gradients"
-            )
-        valid = SplitScore(valid_nll, valid_tokens)
-        record = {"epoch": epoch, "train_ppl": math.exp(min(nll / count, 700)),
-                  "valid_ppl": valid.perplexity, "lr": lr, "tokens": count,
-                  "tokens_per_s": count / seconds, "elapsed_s": elapsed}
-        history.append(record)
-        improved = valid.perplexity < best_valid
-        if improved:
-            best_valid = valid.perplexity
-            save_checkpoint(checkpoint_dir / "best.pt", {
-                "model": model.state_dict(), "network": asdict(net_cfg),
-                "train": asdict(cfg), "epoch": epoch, "valid_ppl": best_valid,
-                **(extra or {})})
-        lr = next_lr(cfg, epoch, lr, improved)
+
+    def save_resume_point(epoch_done: int, elapsed: float, position: dict | None) -> None:
         save_checkpoint(last, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(),
-            "fingerprint": key, "epoch": epoch, "best_valid": best_valid, "lr": lr,
-            "history": history, "elapsed": elapsed, **(extra or {})})
-        if on_epoch is not None:
-            on_epoch(record)
+            "fingerprint": key, "epoch": epoch_done, "best_valid": best_valid, "lr": lr,
+            "history": history, "elapsed": elapsed, "position": position, **(extra or {})})
+
+    with _StopOnSignal() as stop:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            # the epoch so far: nothing, or what a mid-epoch resume point recorded
+            first_step, state, nll, count, epoch_seconds = 0, None, 0.0, 0, 0.0
+            if position is not None:
+                first_step, state = position["step"], _to_device(position["state"], device)
+                nll, count, epoch_seconds = position["nll"], position["count"], position["seconds"]
+                position = None
+            t0 = last_save = time.perf_counter()
+            bar = tqdm(range(first_step, steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
+                       unit=" step", initial=first_step, total=steps_per_epoch, leave=False,
+                       disable=None)  # None: no bar when output is not a terminal (logs)
+            for step in bar:
+                xb = x[:, step * cfg.bptt : (step + 1) * cfg.bptt].to(device)  # (B, T)
+                yb = y[:, step * cfg.bptt : (step + 1) * cfg.bptt].to(device)  # (B, T)
+                state = detach(state)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    _, loss, state = model(xb, yb, state)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch}, step {step}: "
+                        f"lower the learning rate (lr={lr}) or enable gradient clipping"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                opt.step()
+                nll += loss.item() * yb.numel()
+                count += yb.numel()
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{loss.item():.3f}",
+                                tok_s=f"{count / (epoch_seconds + now - t0):.0f}")
+                over_budget = (cfg.time_budget_s
+                               and elapsed + epoch_seconds + now - t0 >= cfg.time_budget_s)
+                if over_budget or step + 1 == steps_per_epoch:
+                    break  # the epoch is over (the budget may end it early)
+                if stop.requested or (checkpoint_every_s and now - last_save >= checkpoint_every_s):
+                    seconds = epoch_seconds + now - t0
+                    save_resume_point(epoch - 1, elapsed + seconds, {
+                        "epoch": epoch, "step": step + 1, "state": detach(state), "nll": nll,
+                        "count": count, "seconds": seconds})
+                    last_save = time.perf_counter()
+                    if stop.requested:
+                        bar.close()
+                        raise TrainingInterrupted(
+                            f"{stop.requested}: stopped at epoch {epoch}, step {step + 1} of "
+                            f"{steps_per_epoch}; the resume point is {last}")
+            bar.close()
+            seconds = epoch_seconds + time.perf_counter() - t0
+            elapsed += seconds
+            valid_nll, valid_tokens = stream_nll(model, valid_ids, eval_chunk, eos_id, device)
+            if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
+                raise TrainingDiverged(
+                    f"validation loss {valid_nll / valid_tokens:.3g} nats/token after epoch "
+                    f"{epoch}: the run diverged; lower the learning rate (lr={lr}) or clip "
+                    "gradients"
+                )
+            valid = SplitScore(valid_nll, valid_tokens)
+            record = {"epoch": epoch, "train_ppl": math.exp(min(nll / count, 700)),
+                      "valid_ppl": valid.perplexity, "lr": lr, "tokens": count,
+                      "tokens_per_s": count / seconds, "elapsed_s": elapsed}
+            history.append(record)
+            improved = valid.perplexity < best_valid
+            if improved:
+                best_valid = valid.perplexity
+                save_checkpoint(checkpoint_dir / "best.pt", {
+                    "model": model.state_dict(), "network": asdict(net_cfg),
+                    "train": asdict(cfg), "epoch": epoch, "valid_ppl": best_valid,
+                    **(extra or {})})
+            lr = next_lr(cfg, epoch, lr, improved)
+            save_resume_point(epoch, elapsed, None)
+            if on_epoch is not None:
+                on_epoch(record)
+            if stop.requested:
+                raise TrainingInterrupted(f"{stop.requested}: stopped after epoch {epoch}; "
+                                          f"the resume point is {last}")
     if not history:
         raise TrainingDiverged("no epoch finished: raise epochs or time_budget_s")
     return {"history": history, "best_valid_ppl": best_valid,

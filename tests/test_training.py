@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.networks import KINDS, NetworkConfig
-from pipeline.training import TrainConfig, TrainingDiverged, load_model, next_lr, train_model
+from pipeline.training import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    load_checkpoint,
+    load_model,
+    next_lr,
+    train_model,
+)
 
 V = 8
 # a stream with structure: a cycle 2 3 4 5 6 <eos>, with every 7th token replaced at random
@@ -60,6 +73,37 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
             for h in resumed["history"]] == strip
     assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
+
+
+def without_timings(history):
+    return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
+            for h in history]
+
+
+def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path):
+    torch.set_num_threads(1)
+    cfg, network = train_cfg(optimizer="sgd", lr=1.0, epochs=3, bptt=5), net("lstm")
+    straight = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "a")
+    last = tmp_path / "b" / "last.pt"
+
+    def press_ctrl_c_once_training_is_under_way():
+        deadline = time.monotonic() + 60
+        while not last.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_training_is_under_way, daemon=True).start()
+    with pytest.raises(TrainingInterrupted, match="SIGINT"):
+        # a resume point after every step, as a long epoch gets one every minute
+        train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b", checkpoint_every_s=1e-9)
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] < 3
+    if ckpt["position"] is not None:  # almost always: 75 steps an epoch
+        assert 0 < ckpt["position"]["step"] < 75 and ckpt["position"]["count"] > 0
+    resumed = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b")
+    assert without_timings(resumed["history"]) == without_timings(straight["history"])
+    assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_divergence_is_a_clear_error(tmp_path):
