@@ -6,7 +6,9 @@ Order of sources: the mirror folder (env LMB_MIRROR, else params
 `download.mirror`), then the canonical URL. Everything is assembled in a
 temporary folder and renamed into place only after every checksum matched, so a
 failed, truncated or tampered download leaves nothing that `prepare` would read.
-A corpus already present and verified is not fetched again.
+A corpus already present and verified is not fetched again. The `synthetic`
+corpus is generated (pipeline/synthetic.py) and `custom` copied from
+`download.custom_path`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from pipeline.corpora import (
     CUSTOM,
     CUSTOM_SINGLE_FILE,
     CUSTOM_SPLIT_FILES,
+    SYNTHETIC,
     Corpus,
     Source,
     get_corpus,
     sha256_of,
 )
 from pipeline.params import load_section
+from pipeline.synthetic import SyntheticParams, generate_corpus
 
 MIRROR_ENV = "LMB_MIRROR"
 URL_TIMEOUT_S = 30
@@ -48,6 +52,7 @@ class DownloadError(RuntimeError):
 class DownloadParams:
     mirror: str  # folder laid out like shared/corpora; "" = none (env LMB_MIRROR wins)
     custom_path: str  # the `custom` corpus: a folder with {train,valid,test}.txt, or one file
+    synthetic: SyntheticParams  # the `synthetic` corpus's source and sizes
 
 
 def resolve_mirror(params_mirror: str) -> Path | None:
@@ -153,6 +158,9 @@ def download_corpus(name: str, out: Path, params: DownloadParams) -> Path:
     """Fetch and verify corpus `name` into `out`; return `out`."""
     if name == CUSTOM:
         return copy_custom(params.custom_path, out)
+    if name == SYNTHETIC:
+        generate_corpus(out, params.synthetic)
+        return out
     corpus = get_corpus(name)
     if out.is_dir():
         try:

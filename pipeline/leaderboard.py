@@ -1,6 +1,6 @@
 """Stage `leaderboard`: every model's metrics file -> one table per corpus.
 
-    python -m pipeline.leaderboard --metrics-dir reports/metrics \
+    python -m pipeline.leaderboard --metrics-dir reports/metrics --prepared data/prepared \
         --out-md reports/leaderboard.md --out-csv reports/leaderboard.csv \
         --out-json reports/leaderboard.json
 
@@ -11,6 +11,9 @@ Rows are sorted by test perplexity. The token counts of all models of a corpus
 must agree (the perplexity contract); a disagreement fails the stage rather than
 publishing numbers that are not comparable. leaderboard.json is declared as DVC
 metrics, so `dvc metrics show` and `dvc exp show` list every test perplexity.
+A corpus generated from a known source (`synthetic`) also gets its floor: the
+source's entropy rate as a perplexity, the best any model can expect, and the
+source's own perplexity on the very test sentences.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import write_json, write_text
+from pipeline.dataset import PreparedCorpus
 from pipeline.lineup import configured_models
 from pipeline.references import reference_for
 
@@ -30,6 +34,7 @@ COLUMNS = [
     "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "tokens_per_s",
     "epochs", "device", "preset",
     "ref_valid_ppl", "ref_test_ppl", "test_ppl_minus_ref", "ref_description", "ref_source",
+    "floor_ppl", "source_test_ppl",
 ]
 SCORING_NOTE = (
     "Perplexity = exp(total NLL / tokens) over the whole split, every end of sentence "
@@ -55,7 +60,17 @@ def load_metrics(metrics_dir: Path, models: dict[str, list[str]]) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def build_table(metrics: pd.DataFrame) -> pd.DataFrame:
+def load_floors(prepared_dir: Path, corpora: list[str]) -> dict[str, dict]:
+    """corpus -> its known source's figures (pipeline/synthetic.py), where it has one."""
+    floors = {}
+    for corpus in corpora:
+        source = PreparedCorpus(prepared_dir / corpus).meta.get("source")
+        if source:
+            floors[corpus] = source
+    return floors
+
+
+def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None) -> pd.DataFrame:
     for corpus, group in metrics.groupby("corpus"):
         if group["vocab_digest"].nunique() != 1:
             raise LeaderboardError(
@@ -78,6 +93,11 @@ def build_table(metrics: pd.DataFrame) -> pd.DataFrame:
     table["ref_description"] = [r.description if r else "" for r in refs]
     table["ref_source"] = [r.source if r else "" for r in refs]
     table["test_ppl_minus_ref"] = (table["test_ppl"] - table["ref_test_ppl"]).round(2)
+    floors = floors or {}
+    table["floor_ppl"] = pd.to_numeric([floors.get(c, {}).get("floor_ppl")
+                                        for c in table["corpus"]])
+    table["source_test_ppl"] = pd.to_numeric(
+        [floors.get(c, {}).get("ppl_per_split", {}).get("test") for c in table["corpus"]])
     for column in COLUMNS:
         if column not in table:
             table[column] = None
@@ -100,6 +120,8 @@ def render_markdown(table: pd.DataFrame) -> str:
     for corpus, group in table.groupby("corpus", sort=False):
         char = group["test_bpc"].notna().any()
         out += [f"## {corpus}", ""]
+        floor = floor_note(group)
+        out += [floor, ""] if floor else []
         header = ["model", "size", "valid ppl", "test ppl"]
         header += ["test bpc"] if char else []
         header += ["tokens (valid / test)", "train time (s)", "train tok/s", "epochs", "device",
@@ -120,18 +142,31 @@ def render_markdown(table: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def floor_note(group: pd.DataFrame) -> str:
+    """One line on a corpus's known floor, or "" when it has none."""
+    row = group.iloc[0]
+    if pd.isna(row["floor_ppl"]):
+        return ""
+    return (f"Best achievable perplexity: {row['floor_ppl']:.3f}, the entropy rate of the "
+            "source that generated this corpus (computed exactly). The source itself scores "
+            f"test ppl {row['source_test_ppl']:.3f} on these test sentences.")
+
+
 def dvc_metrics(table: pd.DataFrame) -> dict:
-    """{corpus: {model: {valid_ppl, test_ppl}}}: the shape `dvc metrics show` flattens."""
+    """{corpus: {model: {valid_ppl, test_ppl}}}: the shape `dvc metrics show` flattens
+    (plus `floor_ppl` for a corpus with a known source)."""
     nested: dict = {}
     for row in table.itertuples():
         nested.setdefault(row.corpus, {})[row.model] = {
             "valid_ppl": row.valid_ppl, "test_ppl": row.test_ppl}
+        if pd.notna(row.floor_ppl):
+            nested[row.corpus]["floor_ppl"] = row.floor_ppl
     return nested
 
 
-def make_leaderboard(metrics_dir: Path, models: dict[str, list[str]], out_md: Path,
-                     out_csv: Path, out_json: Path) -> pd.DataFrame:
-    table = build_table(load_metrics(metrics_dir, models))
+def make_leaderboard(metrics_dir: Path, prepared_dir: Path, models: dict[str, list[str]],
+                     out_md: Path, out_csv: Path, out_json: Path) -> pd.DataFrame:
+    table = build_table(load_metrics(metrics_dir, models), load_floors(prepared_dir, list(models)))
     write_text(out_csv, table.to_csv(index=False))
     write_text(out_md, render_markdown(table))
     write_json(out_json, dvc_metrics(table))
@@ -141,12 +176,13 @@ def make_leaderboard(metrics_dir: Path, models: dict[str, list[str]], out_md: Pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metrics-dir", required=True, type=Path)
+    parser.add_argument("--prepared", required=True, type=Path)
     parser.add_argument("--out-md", required=True, type=Path)
     parser.add_argument("--out-csv", required=True, type=Path)
     parser.add_argument("--out-json", required=True, type=Path)
     args = parser.parse_args(argv)
-    table = make_leaderboard(args.metrics_dir, configured_models(), args.out_md, args.out_csv,
-                             args.out_json)
+    table = make_leaderboard(args.metrics_dir, args.prepared, configured_models(), args.out_md,
+                             args.out_csv, args.out_json)
     print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]
           .to_string(index=False))
 

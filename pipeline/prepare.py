@@ -5,12 +5,15 @@
 The vocabulary comes from the training split alone: every train token seen at
 least `min_count` times, plus <unk> and <eos>. Valid/test tokens outside it
 become <unk> and are reported as the split's OOV rate. See pipeline/dataset.py
-for the format.
+for the format. A corpus generated from a known source (pipeline/synthetic.py)
+also carries the source's entropy and its own perplexity per split into
+vocab.json, after checking that the source's tokens are exactly the prepared ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from pipeline.corpora import (
 )
 from pipeline.dataset import EOS, UNK, id_dtype, write_split, write_vocab
 from pipeline.params import load_section, require
+from pipeline.synthetic import SOURCE_FILE
 
 
 @dataclass(frozen=True)
@@ -113,12 +117,30 @@ def prepare_corpus(name: str, raw: Path, out: Path, params: PrepareParams) -> di
             meta["lines_per_split"][split] = len(splits[split])
             meta["oov_per_split"][split] = oov
             meta["oov_rate_per_split"][split] = round(oov / max(words, 1), 6)
+        if (raw / SOURCE_FILE).exists():
+            meta["source"] = known_source(raw / SOURCE_FILE, meta)
         meta["tokens"] = tokens
         meta["train_counts"] = [train_counts.get(t, 0) for t in tokens]
         write_vocab(staging, meta)
     print(f"{name}: vocabulary {len(tokens)}, tokens {meta['tokens_per_split']}, "
           f"OOV rate {meta['oov_rate_per_split']}")
     return meta
+
+
+def known_source(path: Path, meta: dict) -> dict:
+    """The generating source's entropy and per-split perplexity, valid for these ids only
+    if every generated token survived tokenization as itself (no <unk>, same counts)."""
+    source = json.loads(path.read_text(encoding="utf-8"))
+    for split in SPLITS:
+        generated = source["splits"][split]["tokens"]
+        if meta["tokens_per_split"][split] != generated or meta["oov_per_split"][split]:
+            raise CorpusError(
+                f"{path}: the source generated {generated} {split} tokens, prepare made "
+                f"{meta['tokens_per_split'][split]} with {meta['oov_per_split'][split]} "
+                "<unk>; its entropy would not describe this data (make train larger)")
+    return {"order": source["order"], "entropy_nats": source["entropy_nats"],
+            "entropy_bits": source["entropy_bits"], "floor_ppl": source["floor_ppl"],
+            "ppl_per_split": {s: source["splits"][s]["ppl"] for s in SPLITS}}
 
 
 def main(argv: list[str] | None = None) -> None:

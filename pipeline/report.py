@@ -29,7 +29,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa:
 
 from pipeline import tracking  # noqa: E402
 from pipeline.atomic import atomic_path, write_text  # noqa: E402
-from pipeline.leaderboard import SCORING_NOTE  # noqa: E402
+from pipeline.leaderboard import SCORING_NOTE, floor_note  # noqa: E402
 from pipeline.lineup import is_ngram  # noqa: E402
 
 
@@ -45,6 +45,13 @@ def _plain_log_labels(axis) -> None:
     label = FuncFormatter(lambda v, _: f"{v:g}")
     axis.set_major_formatter(label)
     axis.set_minor_formatter(label)
+
+
+def _draw_floor(ax, table: pd.DataFrame) -> None:
+    """The best achievable perplexity, for a corpus from a known source."""
+    floor = table["floor_ppl"].iloc[0] if "floor_ppl" in table else None
+    if floor is not None and pd.notna(floor):
+        ax.axhline(floor, color="black", linestyle=":", label=f"floor (source entropy) {floor:.2f}")
 
 
 def _save(fig, path: Path) -> Path:
@@ -74,6 +81,8 @@ def plot_curves(corpus: str, curves: dict[str, pd.DataFrame], table: pd.DataFram
         for ax in (by_epoch, by_time):
             ax.axhline(best["valid_ppl"], color="grey", linestyle="--",
                        label=f"{best['model']} (no training curve)")
+    for ax in (by_epoch, by_time):
+        _draw_floor(ax, table)
     by_epoch.set(xlabel="epoch", ylabel="validation perplexity", yscale="log",
                  title=f"{corpus}: learning curves")
     by_time.set(xlabel="training time (minutes)", title=f"{corpus}: against wall time")
@@ -98,6 +107,7 @@ def plot_size(corpus: str, table: pd.DataFrame):
         for row in rows.itertuples():
             ax.annotate(row.model, (row.size, row.test_ppl), textcoords="offset points",
                         xytext=(4, 4), fontsize="small")
+    _draw_floor(ax, table)
     ax.set(xscale="log", xlabel="model size", ylabel="test perplexity",
            title=f"{corpus}: test perplexity against size")
     _size_labels(ax.xaxis)
@@ -113,6 +123,7 @@ def plot_orders(corpus: str, table: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rows["order"], rows["valid_ppl"], marker="o", label="valid")
     ax.plot(rows["order"], rows["test_ppl"], marker="s", label="test")
+    _draw_floor(ax, table)
     ax.set(xlabel="n-gram order", ylabel="perplexity", xticks=list(rows["order"]),
            title=f"{corpus}: Kneser-Ney perplexity against order")
     ax.legend()
@@ -204,7 +215,9 @@ def render_html(table: pd.DataFrame, plots: dict[str, list[Path]], samples: dict
              "<p>Corpora: " + ", ".join(f"<a href='#{c}'>{html.escape(c)}</a>"
                                          for c in table["corpus"].unique()) + "</p>"]
     for corpus, group in table.groupby("corpus", sort=False):
+        floor = floor_note(group) if "floor_ppl" in group else ""
         parts += [f"<h2 id='{html.escape(corpus)}'>{html.escape(corpus)}</h2>",
+                  f"<p class='floor'>{html.escape(floor)}</p>" if floor else "",
                   render_table(group), "<p class='note'>★ best test perplexity. "
                   f"<a href='samples/{html.escape(corpus)}.md'>Sample report (Markdown)</a>"
                   "</p>"]

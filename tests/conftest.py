@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
 from pipeline.download import DownloadParams, download_corpus
+from pipeline.params import load_section
 from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,13 @@ def no_mirror(monkeypatch):
     monkeypatch.delenv("LMB_MIRROR", raising=False)
 
 
+def download_params(mirror: str = "", custom_path: str = "", **synthetic) -> DownloadParams:
+    """The repository's download params with these values (and `synthetic` changes)."""
+    defaults = load_section("download", DownloadParams, REPO / "params.yaml")
+    return dataclasses.replace(defaults, mirror=mirror, custom_path=custom_path,
+                               synthetic=dataclasses.replace(defaults.synthetic, **synthetic))
+
+
 PREPARE_PARAMS = PrepareParams(custom=CustomCorpusParams(level="word", ratios=(0.8, 0.1, 0.1),
                                                          min_count=1))
 
@@ -51,7 +60,7 @@ def prepared(tmp_path_factory, mirror):
 
     def get(name: str) -> Path:
         if name not in cache:
-            raw = download_corpus(name, root / "raw" / name, DownloadParams(str(mirror), ""))
+            raw = download_corpus(name, root / "raw" / name, download_params(str(mirror)))
             cache[name] = root / "prepared" / name
             prepare_corpus(name, raw, cache[name], PREPARE_PARAMS)
         return cache[name]

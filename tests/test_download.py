@@ -8,7 +8,8 @@ import zipfile
 import pytest
 
 from pipeline import download as dl
-from pipeline.download import DownloadError, DownloadParams, download_corpus
+from pipeline.download import DownloadError, download_corpus
+from tests.conftest import download_params
 
 
 def copy_mirror(mirror, tmp_path, *names):
@@ -38,7 +39,7 @@ def test_checksum_mismatch_leaves_nothing(mirror, tmp_path, no_mirror):
         f.write("one extra line\n")
     out = tmp_path / "raw" / "ptb"
     with pytest.raises(DownloadError, match="checksum mismatch for ptb.valid.txt"):
-        download_corpus("ptb", out, DownloadParams(str(fake), ""))
+        download_corpus("ptb", out, download_params(str(fake), ""))
     assert nothing_left(out)
 
 
@@ -49,7 +50,7 @@ def test_truncated_archive_is_a_clear_error(mirror, tmp_path, no_mirror):
     (fake / "brown.zip").write_bytes(data[: len(data) // 2])
     out = tmp_path / "raw" / "brown"
     with pytest.raises(DownloadError, match="not a readable zip archive"):
-        download_corpus("brown", out, DownloadParams(str(fake), ""))
+        download_corpus("brown", out, download_params(str(fake), ""))
     assert nothing_left(out)
 
 
@@ -61,7 +62,7 @@ def test_repacked_archive_verifies_by_member_content(mirror, tmp_path, no_mirror
             zipfile.ZipFile(fake / "brown.zip", "w", zipfile.ZIP_STORED) as dst:
         for member in sorted(src.namelist()):
             dst.writestr(member, src.read(member))
-    out = download_corpus("brown", tmp_path / "raw" / "brown", DownloadParams(str(fake), ""))
+    out = download_corpus("brown", tmp_path / "raw" / "brown", download_params(str(fake), ""))
     assert len(list((out / "brown").iterdir())) == 503
 
 
@@ -69,7 +70,7 @@ def test_offline_without_mirror_names_url_and_setting(tmp_path, monkeypatch, no_
     unreachable_urls(monkeypatch)
     out = tmp_path / "raw" / "tinyshakespeare"
     with pytest.raises(DownloadError) as err:
-        download_corpus("tinyshakespeare", out, DownloadParams("", ""))
+        download_corpus("tinyshakespeare", out, download_params("", ""))
     message = str(err.value)
     assert "could not download http://127.0.0.1:9/input.txt" in message
     assert "LMB_MIRROR" in message and "download.mirror" in message
@@ -82,7 +83,7 @@ def test_mirror_missing_a_file_falls_back_then_names_both(mirror, tmp_path, monk
     fake = copy_mirror(mirror, tmp_path, "ptb/ptb.train.txt", "ptb/ptb.valid.txt")
     out = tmp_path / "raw" / "ptb"
     with pytest.raises(DownloadError, match="has no ptb/ptb.test.txt either"):
-        download_corpus("ptb", out, DownloadParams(str(fake), ""))
+        download_corpus("ptb", out, download_params(str(fake), ""))
     assert nothing_left(out)
 
 
@@ -91,11 +92,11 @@ def test_env_mirror_wins_and_verified_corpus_is_not_fetched_again(mirror, tmp_pa
     fake = copy_mirror(mirror, tmp_path, "tinyshakespeare/input.txt")
     monkeypatch.setenv("LMB_MIRROR", str(fake))
     out = tmp_path / "raw" / "tinyshakespeare"
-    download_corpus("tinyshakespeare", out, DownloadParams("/nonexistent", ""))
+    download_corpus("tinyshakespeare", out, download_params("/nonexistent", ""))
     assert (out / "input.txt").stat().st_size == 1_115_394
     (fake / "tinyshakespeare/input.txt").unlink()  # a second fetch would now fail
     unreachable_urls(monkeypatch)
-    download_corpus("tinyshakespeare", out, DownloadParams("", ""))
+    download_corpus("tinyshakespeare", out, download_params("", ""))
     assert "already present and verified" in capsys.readouterr().out
 
 
@@ -106,5 +107,5 @@ def test_custom_corpus_folder_needs_all_splits(tmp_path):
     (src / "valid.txt").write_text("a\n")
     out = tmp_path / "raw" / "custom"
     with pytest.raises(DownloadError, match="has no test.txt"):
-        download_corpus("custom", out, DownloadParams("", str(src)))
+        download_corpus("custom", out, download_params("", str(src)))
     assert nothing_left(out)
