@@ -16,7 +16,8 @@ export LMB_MIRROR
 DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-dev \
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
-.PHONY: setup system-deps browser-deps kenlm run test lint ui screenshots clean
+.PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
+	screenshots clean
 
 setup: $(VENV)/.installed kenlm
 
@@ -61,6 +62,15 @@ run: setup
 
 test: setup browser-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+# The CI regression alone (also part of `make test`): the small pipeline against
+# tests/regression_baseline.json. After an intended change of numbers, rewrite the
+# baseline with `make regression-baseline`, review the diff and commit it.
+regression: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.regression
+
+regression-baseline: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.regression --update
 
 lint: setup
 	$(BIN)/ruff check pipeline tests

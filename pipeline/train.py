@@ -184,6 +184,8 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
 
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus, "preset": params.preset,
              "resolved_params": asdict(spec)}
+    print(f"{corpus} {model}: training on {device} ({params.preset} preset, "
+          f"{spec.epochs} epochs)", flush=True)  # flushed: DVC logs show where it is
     try:
         result = train_model(spec.network(model, len(vocab)), spec.training(),
                              data.ids("train"), data.ids("valid"), vocab.eos_id, checkpoints,

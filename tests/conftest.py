@@ -1,9 +1,12 @@
-"""Shared fixtures: the offline corpus mirror and prepared real corpora."""
+"""Shared fixtures: the offline corpus mirror, prepared real corpora, and one run of the
+regression pipeline that the pipeline, regression and fault tests share."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,40 @@ def prepared(tmp_path_factory, mirror):
         return cache[name]
 
     return get
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineRun:
+    repo: Path  # tests may change it, in file order (see tests/test_pipeline.py)
+    env: dict
+    log: str  # what the first `dvc repro` printed
+    values: dict  # tests.regression.collect() right after it
+    template: Path  # an untouched copy of repo, for clone()
+
+    def clone(self, dest: Path, mlflow_uri: str | None = None) -> tuple[Path, dict]:
+        """A copy of the freshly run workspace (git history, DVC cache and outputs) with its
+        own MLflow store (None: the default one inside the copy)."""
+        shutil.copytree(self.template, dest, symlinks=True)
+        env = {k: v for k, v in self.env.items() if k != "MLFLOW_TRACKING_URI"}
+        if mlflow_uri:
+            env["MLFLOW_TRACKING_URI"] = mlflow_uri
+        return dest, env
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, mirror) -> PipelineRun:
+    """`dvc repro` of the regression configuration (tests/regression.yaml), once per session,
+    committed (dvc exp needs a commit)."""
+    from tests import regression
+
+    root = tmp_path_factory.mktemp("pipeline")
+    repo, env = regression.make_workspace(root, mirror)
+    done = regression.repro(repo, env)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, f"dvc repro failed:\n{log[-4000:]}"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=repo, check=True)
+    template = root / "template"
+    shutil.copytree(repo, template, symlinks=True)
+    return PipelineRun(repo, env, log, regression.collect(repo), template)

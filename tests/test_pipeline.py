@@ -1,11 +1,11 @@
-"""The real pipeline: `dvc repro` in a temporary copy of the repository, on a small
-custom corpus cut from PTB, tracked in a temporary MLflow store."""
+"""The real pipeline: `dvc repro` of the regression configuration (the synthetic corpus
+and a PTB slice as `custom`; see tests/regression.yaml) in a temporary copy of the
+repository, tracked in a temporary MLflow store. The tests below share that workspace
+and run in file order: later ones change it (a new n-gram order, the paper preset)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +16,9 @@ import yaml
 
 from tests import ui_check
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+CORPORA = ("synthetic", "custom")
+NEURAL = ("window", "rnn", "lstm", "lstm2")
 
 
 def run(cmd, cwd, env):
@@ -31,68 +32,52 @@ def ran_stages(log: str) -> set[str]:
     return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
 
 
+def each_corpus(*stages: str) -> set[str]:
+    """'ngram@{}-2' -> {'ngram@synthetic-2', 'ngram@custom-2'}"""
+    return {stage.format(corpus) for stage in stages for corpus in CORPORA}
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, mirror):
-    root = tmp_path_factory.mktemp("pipeline")
-    repo = root / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file() and name != "dvc.lock":
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo / name)
-    # a small corpus: the first lines of each PTB split
-    corpus = root / "mini-ptb"
-    corpus.mkdir()
-    for split, n in [("train", 4000), ("valid", 400), ("test", 400)]:
-        lines = (mirror / "ptb" / f"ptb.{split}.txt").read_text().splitlines(keepends=True)
-        (corpus / f"{split}.txt").write_text("".join(lines[:n]))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["corpora"] = ["custom"]
-    params["download"]["custom_path"] = str(corpus)
-    params["ngram"]["orders"] = [2, 3]
-    # neural models as small as they come: this checks the plumbing, not the quality
-    for preset in params["train"]["presets"].values():
-        for model in params["train"]["models"]:
-            preset[model].update(embedding_size=16, hidden_size=16, epochs=2,
-                                 time_budget_s=0, batch_size=16, bptt=20)
-        preset["overrides"] = {}
-    params["train"]["presets"]["paper"]["lstm2"]["epochs"] = 3  # tell the presets apart
-    params["sample"]["words"] = 12
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    env.pop("LMB_MIRROR", None)
-    run(["git", "init", "-q"], repo, env)
-    first = run([str(BIN / "dvc"), "repro"], repo, env)
-    # `dvc exp run` needs a commit to branch from
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm",
-         "pipeline run"], repo, env)
-    return repo, env, first
+def workspace(pipeline_run):
+    return pipeline_run.repo, pipeline_run.env, pipeline_run.log
 
 
 def test_repro_builds_the_leaderboard(workspace):
     repo, _, log = workspace
-    neural = {"window", "rnn", "lstm", "lstm2"}
-    assert ran_stages(log) == {"download@custom", "prepare@custom", "ngram@custom-2",
-                               "ngram@custom-3", "sample@custom", "leaderboard", "report",
-                               *(f"train@custom-{m}" for m in neural)}
-    table = pd.read_csv(repo / "reports" / "leaderboard.csv")
-    assert set(table["model"]) == {"kn2", "kn3", *neural}
+    assert ran_stages(log) == {"leaderboard", "report", *each_corpus(
+        "download@{}", "prepare@{}", "ngram@{}-2", "ngram@{}-3", "sample@{}",
+        *(f"train@{{}}-{m}" for m in NEURAL))}
+    everything = pd.read_csv(repo / "reports" / "leaderboard.csv")
+    assert list(everything["corpus"].unique()) == sorted(CORPORA)
+    table = everything[everything["corpus"] == "custom"]
+    assert set(table["model"]) == {"kn2", "kn3", *NEURAL}
     assert list(table["test_ppl"]) == sorted(table["test_ppl"])
     # the perplexity contract: every model predicted the same tokens
     assert table["test_tokens"].nunique() == 1 and table["valid_tokens"].nunique() == 1
-    neural_rows = table[table["model"].isin(neural)]
+    assert table["floor_ppl"].isna().all()  # no known source for real text
+    neural_rows = table[table["model"].isin(NEURAL)]
     assert (neural_rows["epochs"] == 2).all() and (neural_rows["device"] == "cpu").all()
     curve = json.loads((repo / "reports" / "curves" / "custom" / "lstm2.json").read_text())
     assert [r["epoch"] for r in curve] == [1, 2]
     samples = (repo / "reports" / "samples" / "custom.md").read_text()
-    assert all(f"## {m}" in samples for m in ["kn2", "kn3", *neural])
+    assert all(f"## {m}" in samples for m in ["kn2", "kn3", *NEURAL])
     assert (table["test_ppl"] > 1).all() and (table["test_ppl"] < 10_000).all()
     assert "## custom" in (repo / "reports" / "leaderboard.md").read_text()
     assert not list(repo.rglob(".tmp-*"))
+
+
+def test_synthetic_corpus_shows_its_floor(workspace):
+    repo, _, _ = workspace
+    table = pd.read_csv(repo / "reports" / "leaderboard.csv")
+    synthetic = table[table["corpus"] == "synthetic"]
+    source = json.loads((repo / "data" / "raw" / "synthetic" / "source.json").read_text())
+    assert synthetic["floor_ppl"].unique().tolist() == [pytest.approx(source["floor_ppl"])]
+    assert (synthetic["test_ppl"] > source["floor_ppl"]).all()  # nothing beats the source
+    assert synthetic.iloc[0]["model"] == "kn3"  # the source's own order comes closest
+    markdown = (repo / "reports" / "leaderboard.md").read_text()
+    assert f"Best achievable perplexity: {source['floor_ppl']:.3f}" in markdown
+    metrics = json.loads((repo / "reports" / "leaderboard.json").read_text())
+    assert metrics["synthetic"]["floor_ppl"] == pytest.approx(source["floor_ppl"])
 
 
 def test_mlflow_holds_one_run_per_model(workspace):
@@ -126,7 +111,8 @@ def test_second_repro_reruns_nothing_and_new_order_reruns_only_its_stages(worksp
     params["ngram"]["orders"] = [2, 3, 4]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([str(BIN / "dvc"), "repro"], repo, env)
-    assert ran_stages(third) == {"ngram@custom-4", "sample@custom", "leaderboard", "report"}
+    assert ran_stages(third) == {"leaderboard", "report",
+                                 *each_corpus("ngram@{}-4", "sample@{}")}
     table = pd.read_csv(repo / "reports" / "leaderboard.csv")
     assert {"kn2", "kn3", "kn4"} <= set(table["model"])
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env)
@@ -141,11 +127,13 @@ def test_report_page_and_plots(workspace):
     for model in ["kn2", "kn3", "window", "rnn", "lstm", "lstm2"]:
         assert f"<td>{model}</td>" in page or f"★ {model}</td>" in page
         assert f"<h4>{model}</h4>" in page  # its sample, side by side with the others
-    # curves, size, orders (no published reference exists for a custom corpus)
-    assert page.count("data:image/png;base64,") == 3
+    # curves, size, orders per corpus (no published reference exists for these corpora)
+    assert page.count("data:image/png;base64,") == 6
     assert "http://" not in page and "https://" not in page  # opens offline
+    assert "Best achievable perplexity" in page
     plots = sorted(p.name for p in (repo / "reports" / "plots").iterdir())
-    assert plots == ["custom-curves.png", "custom-orders.png", "custom-size.png"]
+    assert plots == [f"{c}-{kind}.png" for c in ("custom", "synthetic")
+                     for kind in ("curves", "orders", "size")]
 
 
 def test_learning_curve_plot_has_one_line_per_model(workspace):
@@ -153,7 +141,8 @@ def test_learning_curve_plot_has_one_line_per_model(workspace):
 
     repo, _, _ = workspace
     table = pd.read_csv(repo / "reports" / "leaderboard.csv")
-    neural = ["window", "rnn", "lstm", "lstm2"]
+    table = table[table["corpus"] == "custom"]
+    neural = list(NEURAL)
     curves = load_curves(repo / "reports" / "curves", "custom", neural)
     fig = plot_curves("custom", curves, table)
     by_epoch, by_time = fig.axes
@@ -201,8 +190,8 @@ def test_one_param_switches_to_the_paper_preset(workspace):
     repo, env, _ = workspace
     log = run([str(BIN / "dvc"), "exp", "run", "-S", "train.preset=paper"], repo, env)
     # every neural model retrains under the other preset; nothing upstream reruns
-    assert {s for s in ran_stages(log) if s.startswith("train@")} == {
-        f"train@custom-{m}" for m in ("window", "rnn", "lstm", "lstm2")}
+    assert {s for s in ran_stages(log) if s.startswith("train@")} == each_corpus(
+        *(f"train@{{}}-{m}" for m in NEURAL))
     assert not {s for s in ran_stages(log) if s.startswith(("download@", "prepare@", "ngram@"))}
     lstm2 = json.loads((repo / "reports" / "metrics" / "custom" / "lstm2.json").read_text())
     assert lstm2["preset"] == "paper" and lstm2["epochs"] == 3
