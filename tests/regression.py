@@ -118,13 +118,14 @@ def collect(repo: Path) -> dict[str, dict]:
 class Moved:
     row: str
     value: str
-    baseline: float | None
-    now: float | None
+    baseline: float | str | None
+    now: float | str | None
     allowed: str
 
     def cells(self) -> list:
         change = ""
-        if self.baseline not in (None, 0) and self.now is not None:
+        numbers = all(isinstance(v, int | float) for v in (self.baseline, self.now))
+        if numbers and self.baseline != 0:
             change = f"{100 * (self.now - self.baseline) / self.baseline:+.2f}%"
         return [self.row, self.value, _show(self.baseline), _show(self.now), change,
                 self.allowed]
@@ -133,6 +134,8 @@ class Moved:
 def _show(value) -> str:
     if value is None:
         return "missing"
+    if isinstance(value, str):
+        return value
     return f"{value:,.4f}" if isinstance(value, float) else f"{value:,}"
 
 
@@ -140,9 +143,8 @@ def compare(now: dict[str, dict], baseline: dict[str, dict]) -> list[Moved]:
     moved = []
     for row in sorted(set(now) | set(baseline)):
         if row not in now or row not in baseline:
-            side = "not in this run" if row not in now else "not in the baseline"
-            moved.append(Moved(row, side, None if row not in baseline else 0.0,
-                               None if row not in now else 0.0, "must exist in both"))
+            moved.append(Moved(row, "metrics file", "present" if row in baseline else None,
+                               "present" if row in now else None, "must exist in both"))
             continue
         family = baseline[row]["family"]
         for key in sorted((set(now[row]) | set(baseline[row])) - {"family"}):
