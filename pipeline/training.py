@@ -200,6 +200,8 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             "history": history, "elapsed": elapsed, "position": position, **(extra or {})})
 
     with _StopOnSignal() as stop:
+        print(f"training {model.num_parameters():,} parameters: {cfg.epochs} epochs of "
+              f"{steps_per_epoch} steps; Ctrl-C saves a resume point", flush=True)
         for epoch in range(start_epoch, cfg.epochs + 1):
             if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
                 break

@@ -1,0 +1,106 @@
+"""Interrupting `dvc repro` mid-epoch: SIGKILL (a crash, a killed job) and Ctrl-C. Either
+way the next `dvc repro` resumes from the last resume point and ends with exactly the
+numbers of the uninterrupted run (deterministic on the CPU with one thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.training import load_checkpoint
+
+BIN = Path(sys.executable).parent
+STAGE = "train@custom-lstm2"
+CHECKPOINTS = Path("models/custom/lstm2.ckpt")
+
+
+def fresh_stage(pipeline_run, dest: Path, checkpoint_every_s: float) -> tuple[Path, dict]:
+    """A clone where STAGE must train from scratch, with resume points this often."""
+    repo, env = pipeline_run.clone(dest, f"sqlite:///{dest.parent / 'mlflow.db'}")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["checkpoint_every_s"] = checkpoint_every_s
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for path in (repo / CHECKPOINTS).iterdir():
+        path.unlink()
+    return repo, env
+
+
+def start_repro(repo: Path, env: dict) -> subprocess.Popen:
+    # its own session, like a terminal job: signals go to dvc and the stage together
+    return subprocess.Popen([str(BIN / "dvc"), "repro", "-s", STAGE], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def mid_epoch_position(repo: Path) -> dict | None:
+    last = repo / CHECKPOINTS / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        return load_checkpoint(last).get("position")
+    except (RuntimeError, EOFError, OSError):  # replaced while being read
+        return None
+
+
+def finish(repo: Path, env: dict) -> str:
+    done = subprocess.run([str(BIN / "dvc"), "repro", "-s", STAGE], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+def assert_same_as_uninterrupted(repo: Path, pipeline_run) -> None:
+    template = pipeline_run.template
+    for path in ("reports/metrics/custom/lstm2.json", "reports/curves/custom/lstm2.json"):
+        now, before = (json.loads((root / path).read_text()) for root in (repo, template))
+        if isinstance(now, dict):  # everything but timings
+            timing = {"train_seconds", "tokens_per_s"}
+            now, before = ({k: v for k, v in d.items() if k not in timing} for d in (now, before))
+        else:
+            now, before = ([{k: r[k] for k in ("epoch", "train_ppl", "valid_ppl", "lr", "tokens")}
+                            for r in d] for d in (now, before))
+        assert now == before, path
+
+
+def test_sigkill_mid_epoch_then_repro_resumes_to_the_same_metrics(pipeline_run, tmp_path):
+    repo, env = fresh_stage(pipeline_run, tmp_path / "repo", checkpoint_every_s=0.2)
+    job = start_repro(repo, env)
+    deadline = time.monotonic() + 180
+    while mid_epoch_position(repo) is None:
+        assert job.poll() is None, f"finished before a resume point:\n{job.stdout.read()}"
+        assert time.monotonic() < deadline, "no mid-epoch resume point within 180 s"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    job.stdout.close()
+    assert not (repo / "reports/metrics/custom/lstm2.json").exists()  # DVC removed the old one
+    log = finish(repo, env)
+    assert "resuming from" in log and "step" in log.split("resuming from")[1].split("\n")[0]
+    assert_same_as_uninterrupted(repo, pipeline_run)
+
+
+def test_ctrl_c_writes_a_resume_point_and_repro_continues_from_it(pipeline_run, tmp_path):
+    # resume points only at epoch ends and on the signal: the one found is Ctrl-C's
+    repo, env = fresh_stage(pipeline_run, tmp_path / "repo", checkpoint_every_s=0)
+    job = start_repro(repo, env)
+    for line in job.stdout:
+        if "Ctrl-C saves a resume point" in line:  # the training loop has started
+            break
+    time.sleep(1.0)  # an epoch takes several seconds
+    os.killpg(job.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    output = job.stdout.read()
+    job.stdout.close()
+    assert job.wait() != 0
+    assert "interrupted (SIGINT: stopped at epoch 1, step" in output
+    position = mid_epoch_position(repo)
+    assert position is not None and position["epoch"] == 1 and position["step"] > 0
+    log = finish(repo, env)
+    assert f"step {position['step']} of" in log
+    assert_same_as_uninterrupted(repo, pipeline_run)
