@@ -33,7 +33,8 @@ def id_dtype(vocab_size: int) -> np.dtype:
         return np.dtype(np.uint16)
     if vocab_size <= np.iinfo(np.uint32).max:
         return np.dtype(np.uint32)
-    raise ValueError(f"vocabulary of {vocab_size} types does not fit a uint32 token id")
+    raise ValueError(f"vocabulary of {vocab_size:,} types does not fit a uint32 token id; "
+                     "keep fewer types (e.g. raise prepare.custom.min_count)")
 
 
 @dataclass(frozen=True)
