@@ -1,8 +1,12 @@
 """The one module that talks to MLflow.
 
-Store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory
-(the repository root under `dvc repro`). The location is not a DVC param on
-purpose: where runs are recorded does not change any result.
+Store: $MLFLOW_TRACKING_URI, else `mlflow.db` (SQLite) in the repository root:
+$DVC_ROOT, which DVC gives every stage. Under `dvc exp run --queue` (or --temp)
+stages run in a temporary copy of the repository that DVC deletes afterwards;
+DVC_ROOT then still names the parent repository, so every experiment's runs land
+in the one store, written by several workers at once (hence the retries below).
+The location is not a DVC param on purpose: where runs are recorded does not
+change any result.
 
 One experiment per corpus, one run per model (`ptb/kn5`), tagged with corpus,
 model, family, preset, git commit and DVC stage so runs can be filtered in the UI.
@@ -28,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+STORE_FILE = "mlflow.db"
 RETRIES = 5
 FIRST_DELAY_S = 0.5  # doubled after each failed try
 T = TypeVar("T")
@@ -41,7 +45,10 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ.get("DVC_ROOT") or ".").resolve()
+    return f"sqlite:///{root / STORE_FILE}"
 
 
 def git_commit() -> str:

@@ -1,0 +1,57 @@
+"""Two queued experiments run by two DVC workers at once, each in its own temporary copy of
+the repository, both recording into the repository's one SQLite MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+EXPERIMENTS = {"faster-window": "train.presets.quick.window.lr=0.004",
+               "faster-rnn": "train.presets.quick.rnn.lr=0.004"}
+
+
+def dvc(repo: Path, env: dict, *args: str) -> str:
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)}:\n{(done.stdout + done.stderr)[-3000:]}"
+    return done.stdout
+
+
+def test_two_queue_workers_record_every_run_in_one_store(pipeline_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    repo, env = pipeline_run.clone(tmp_path / "repo", mlflow_uri=None)  # the default store
+    for name, change in EXPERIMENTS.items():
+        dvc(repo, env, "exp", "run", "--queue", "--name", name, "-S", change)
+    # workers start in the background and keep the pipe open: no capture here
+    subprocess.run([str(BIN / "dvc"), "queue", "start", "--jobs", "2"], cwd=repo, env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while True:
+        status = dvc(repo, env, "queue", "status")
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    for name in EXPERIMENTS:
+        line = next(line for line in status.splitlines() if name in line)
+        assert "Success" in line, f"{status}\n{dvc(repo, env, 'queue', 'logs', name)[-3000:]}"
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    by_experiment: dict[str, set[str]] = {}
+    for run in runs:
+        assert run.info.status == "FINISHED", run.info.run_name
+        by_experiment.setdefault(run.data.tags["dvc_experiment"], set()).add(run.info.run_name)
+    # each experiment retrained only the model it changed (the others' resume points came
+    # from the DVC cache), then re-sampled and re-reported
+    for name, model in (("faster-window", "window"), ("faster-rnn", "rnn")):
+        assert by_experiment[name] == {
+            f"synthetic/{model}", f"custom/{model}", "synthetic/samples", "custom/samples",
+            "summary/leaderboard"}
+    assert set(by_experiment) == set(EXPERIMENTS)
+    shown = dvc(repo, env, "exp", "show", "--csv")
+    assert all(name in shown for name in EXPERIMENTS)
