@@ -84,4 +84,4 @@ screenshots: setup browser-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.ui_check --out reports/screenshots
 
 clean:
-	rm -rf data models reports/metrics mlflow.db mlruns
+	rm -rf data models reports/metrics mlflow.db mlflow.db.lock mlruns

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -84,6 +85,24 @@ def _retry(action: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def _first_access_lock(uri: str) -> Iterator[None]:
+    """Held around a process's first access to a SQLite store: two processes creating the
+    same new store race in MLflow's schema migration ("Online migration expected to
+    match one row"), so they take turns through an exclusive lock on `<db>.lock`."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in params.items():
@@ -133,9 +152,11 @@ def model_run(corpus: str, model: str, family: str, stage: str,
     Raises TrackingError at the end of the block if the store failed for good."""
     import mlflow  # imported here: it is slow to import and only stages that log need it
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     logger = RunLogger()
-    logger.call(lambda: mlflow.set_experiment(corpus), "open the experiment")
+    with _first_access_lock(uri):  # creates the store (and its tables) if it is new
+        logger.call(lambda: mlflow.set_experiment(corpus), "open the experiment")
     # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI view)
     logger.call(lambda: mlflow.set_experiment_tag("mlflow.experimentKind",
                                                   "custom_model_development"),

@@ -106,7 +106,7 @@ def test_every_preset_resolves_for_every_model_and_corpus():
     params = load_section("train", TrainParams, REPO / "params.yaml")
     for preset in params.presets:
         chosen = TrainParams(**{**params.__dict__, "preset": preset})
-        for corpus in ("ptb", "brown", "tinyshakespeare"):
+        for corpus in ("ptb", "brown", "tinyshakespeare", "synthetic"):
             for model in params.models:
                 assert chosen.spec(corpus, model).epochs > 0
     paper = TrainParams(**{**params.__dict__, "preset": "paper"}).spec("ptb", "lstm2")
