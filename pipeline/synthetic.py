@@ -40,7 +40,7 @@ from pipeline.params import require
 
 SOURCE_FILE = "source.json"
 ORDER = 3  # a trigram source: the next token depends on the two before it
-MAX_VOCAB, MAX_SUCCESSORS = 500, 64  # keeps the tables below about 100 MB
+MAX_VOCAB, MAX_SUCCESSORS = 200, 64  # keeps the tables (contexts x outcomes) under 100 MB
 SPLIT_NAMES = ("train", "valid", "test")
 
 

@@ -94,8 +94,14 @@ def _first_access_lock(uri: str) -> Iterator[None]:
         yield
         return
     db = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".lock"), "a")  # closed by the `with` below
+    except OSError as exc:  # the store call itself will fail, retried and reported
+        log.warning("cannot lock %s.lock (%s); going on without", db, exc)
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -154,6 +160,9 @@ def model_run(corpus: str, model: str, family: str, stage: str,
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    # a tracking server that is down: our bounded retries, not also MLflow's own (7 tries
+    # with backoff, minutes per call) under each of ours
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     logger = RunLogger()
     with _first_access_lock(uri):  # creates the store (and its tables) if it is new
         logger.call(lambda: mlflow.set_experiment(corpus), "open the experiment")
@@ -184,7 +193,10 @@ def model_run(corpus: str, model: str, family: str, stage: str,
         if logger.run_id is not None:
             if logger.failure is not None:
                 status = "FAILED"  # its record is incomplete
-            logger.call(lambda: mlflow.end_run(status=status), "end the run")
+            try:  # even after a failure: never leave the run open (or let MLflow finish it)
+                _retry(lambda: mlflow.end_run(status=status), "end the run")
+            except TrackingError as exc:
+                logger.failure = logger.failure or exc
     if logger.failure is not None:
         raise logger.failure
 

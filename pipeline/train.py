@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         except TrainingInterrupted as exc:
             print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun `dvc repro` to "
                   "resume from there", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(exc.exit_code)
         # written before the final MLflow calls: a broken store never costs the result
         write_json(args.metrics, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k.startswith(("valid_", "test_"))

@@ -49,6 +49,10 @@ class TrainingDiverged(RuntimeError):
 class TrainingInterrupted(RuntimeError):
     """SIGINT or SIGTERM stopped training after a checkpoint was written."""
 
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(f"{signal_name}: {message}")
+        self.exit_code = 128 + signal.Signals[signal_name].value  # as if the signal killed it
+
 
 class _StopOnSignal:
     """Turns SIGINT/SIGTERM into a request that the loop honours between steps, so the
@@ -244,15 +248,15 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
                 if over_budget or step + 1 == steps_per_epoch:
                     break  # the epoch is over (the budget may end it early)
                 if stop.requested or (checkpoint_every_s and now - last_save >= checkpoint_every_s):
-                    seconds = epoch_seconds + now - t0
-                    save_resume_point(epoch - 1, elapsed + seconds, {
+                    # elapsed: finished epochs only; this epoch's seconds are the position's
+                    save_resume_point(epoch - 1, elapsed, {
                         "epoch": epoch, "step": step + 1, "state": detach(state), "nll": nll,
-                        "count": count, "seconds": seconds})
+                        "count": count, "seconds": epoch_seconds + now - t0})
                     last_save = time.perf_counter()
                     if stop.requested:
                         bar.close()
                         raise TrainingInterrupted(
-                            f"{stop.requested}: stopped at epoch {epoch}, step {step + 1} of "
+                            stop.requested, f"stopped at epoch {epoch}, step {step + 1} of "
                             f"{steps_per_epoch}; the resume point is {last}")
             bar.close()
             seconds = epoch_seconds + time.perf_counter() - t0
@@ -281,7 +285,7 @@ def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
             if on_epoch is not None:
                 on_epoch(record)
             if stop.requested:
-                raise TrainingInterrupted(f"{stop.requested}: stopped after epoch {epoch}; "
+                raise TrainingInterrupted(stop.requested, f"stopped after epoch {epoch}; "
                                           f"the resume point is {last}")
     if not history:
         raise TrainingDiverged("no epoch finished: raise epochs or time_budget_s")

@@ -63,6 +63,7 @@ def small_train_params(**window_changes) -> TrainParams:
     params["presets"]["quick"]["window"].update(
         {"embedding_size": 8, "hidden_size": 8, "epochs": 1, "time_budget_s": 0,
          **window_changes})
+    params["presets"]["quick"]["overrides"] = {}
     params["device"] = "cpu"
     from pipeline.params import build
 
@@ -73,8 +74,9 @@ def test_cpu_out_of_memory_suggests_a_smaller_batch(small_corpus, tmp_path):
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
         pytest.skip("this kernel grants any allocation (overcommit 1); touching it would "
                     "bring in the OOM killer instead of an allocation error")
-    # 2e8 hidden units: an output layer of 1.2e12 floats (4.8 TB), refused by the allocator
-    params = small_train_params(hidden_size=200_000_000)
+    # the first allocation, the embedding table, is 6,000 x 2e9 floats (48 TB): refused at
+    # once, before anything is filled
+    params = small_train_params(embedding_size=2_000_000_000)
     with pytest.raises(OutOfMemory, match=r"cpu ran out of memory .* lower "
                                           r"train\.presets\.quick\.window\.batch_size"):
         train_and_score("custom", "window", small_corpus, tmp_path / "ckpt", tmp_path / "m.pt",

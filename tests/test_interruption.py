@@ -98,9 +98,10 @@ def test_ctrl_c_writes_a_resume_point_and_repro_continues_from_it(pipeline_run, 
     output = job.stdout.read()
     job.stdout.close()
     assert job.wait() != 0
-    assert "interrupted (SIGINT: stopped at epoch 1, step" in output
     position = mid_epoch_position(repo)
-    assert position is not None and position["epoch"] == 1 and position["step"] > 0
+    assert position is not None, output[-3000:]  # the signal came mid-epoch (not in validation)
+    assert (f"interrupted (SIGINT: stopped at epoch {position['epoch']}, "
+            f"step {position['step']} of") in output
     log = finish(repo, env)
-    assert f"step {position['step']} of" in log
+    assert f"epoch {position['epoch']}, step {position['step']} of" in log
     assert_same_as_uninterrupted(repo, pipeline_run)
