@@ -85,6 +85,7 @@ def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path)
     cfg, network = train_cfg(optimizer="sgd", lr=1.0, epochs=3, bptt=5), net("lstm")
     straight = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "a")
     last = tmp_path / "b" / "last.pt"
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, say
 
     def press_ctrl_c_once_training_is_under_way():
         deadline = time.monotonic() + 60
@@ -106,7 +107,7 @@ def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path)
     resumed = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b")
     assert without_timings(resumed["history"]) == without_timings(straight["history"])
     assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # restored
 
 
 def test_divergence_is_a_clear_error(tmp_path):
