@@ -36,12 +36,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.corpora import SPLITS
 from pipeline.params import require
 
 SOURCE_FILE = "source.json"
 ORDER = 3  # a trigram source: the next token depends on the two before it
 MAX_VOCAB, MAX_SUCCESSORS = 200, 64  # keeps the tables (contexts x outcomes) under 100 MB
-SPLIT_NAMES = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def generate_corpus(out: Path, params: SyntheticParams) -> dict:
                      "entropy_bits": entropy / math.log(2), "floor_ppl": math.exp(entropy),
                      "splits": {}}
     with atomic_path(out, directory=True) as staging:
-        for index, (split, size) in enumerate(zip(SPLIT_NAMES, params.tokens, strict=True)):
+        for index, (split, size) in enumerate(zip(SPLITS, params.tokens, strict=True)):
             # one generator per split: resizing train leaves valid and test as they were
             rng = np.random.default_rng([params.seed, 1 + index])
             sentences, nll = source.sample(size, rng)

@@ -38,6 +38,8 @@ from pathlib import Path
 import yaml
 from tabulate import tabulate
 
+from pipeline.lineup import configured_models
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "regression.yaml"
 BASELINE = REPO / "tests" / "regression_baseline.json"
@@ -96,10 +98,8 @@ def repro(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 def collect(repo: Path) -> dict[str, dict]:
     """corpus/model -> the compared values, from each model's metrics file (written even
     when a later stage fails), plus corpus/floor for a corpus with a known source."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    models = [f"kn{o}" for o in params["ngram"]["orders"]] + params["train"]["models"]
     values: dict[str, dict] = {}
-    for corpus in params["corpora"]:
+    for corpus, models in configured_models(repo / "params.yaml").items():
         for model in models:
             path = repo / "reports" / "metrics" / corpus / f"{model}.json"
             if path.exists():

@@ -4,11 +4,11 @@ the repository, both recording into the repository's one SQLite MLflow store."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from tests.regression import BIN
+
 EXPERIMENTS = {"faster-window": "train.presets.quick.window.lr=0.004",
                "faster-rnn": "train.presets.quick.rnn.lr=0.004"}
 

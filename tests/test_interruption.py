@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from pipeline.training import load_checkpoint
+from tests.regression import BIN
 
-BIN = Path(sys.executable).parent
 STAGE = "train@custom-lstm2"
 CHECKPOINTS = Path("models/custom/lstm2.ckpt")
 

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from tests import ui_check
+from tests.regression import BIN
 
-BIN = Path(sys.executable).parent
 CORPORA = ("synthetic", "custom")
 NEURAL = ("window", "rnn", "lstm", "lstm2")
 
