@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-d
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
 .PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
-	screenshots clean
+	screenshots reproduce-small clean
 
 setup: $(VENV)/.installed kenlm
 
@@ -71,6 +71,18 @@ regression: setup
 
 regression-baseline: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.regression --update
+
+# Zaremba et al. 2014 "small" (PTB, 2 x 200 LSTM, 13 epochs) under the committed `small`
+# preset, through the pipeline's own prepare and train stages (about 30 minutes on a
+# 2-core CPU). Writes reports/reproductions/zaremba-small/{metrics,curve}.json.
+REPRO := reports/reproductions/zaremba-small
+reproduce-small: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset small \
+	  --corpus ptb --model lstm2 --data data/prepared/ptb \
+	  --checkpoints models/reproductions/zaremba-small.ckpt \
+	  --out models/reproductions/zaremba-small.pt \
+	  --metrics $(REPRO)/metrics.json --curve $(REPRO)/curve.json
 
 lint: setup
 	$(BIN)/ruff check pipeline tests

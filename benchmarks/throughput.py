@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_text
-from pipeline.networks import LanguageModel, detach
+from pipeline.networks import LanguageModel
 from pipeline.params import load_section
 from pipeline.perplexity import score_stream
-from pipeline.train import TrainParams, pick_device
+from pipeline.presets import TrainParams
+from pipeline.train import pick_device
+from pipeline.training import make_optimizer, train_step
 
 
 def sync(device: str) -> None:
@@ -35,31 +37,28 @@ def sync(device: str) -> None:
 def measure(model_name: str, params: TrainParams, vocab: int, steps: int, eval_tokens: int,
             device: str) -> dict:
     spec = params.spec("ptb", model_name)
+    cfg = spec.training
     torch.manual_seed(0)
-    model = LanguageModel(spec.network(model_name, vocab)).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randint(0, vocab, (spec.batch_size, spec.bptt + 1), device=device)
+    model = LanguageModel(spec.for_vocabulary(vocab)).to(device)
+    opt = make_optimizer(model, cfg)
+    x = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1), device=device)
     autocast = params.bf16 and device.startswith("cuda")
     state = None
-    for step in range(3 + steps):
+    for step in range(3 + steps):  # the train stage's own step, after 3 warm-up steps
         if step == 3:
             sync(device)
             started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            _, loss, state = model(x[:, :-1], x[:, 1:], detach(state))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+        _, state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
+                              autocast=autocast)
     sync(device)
-    train_tps = steps * spec.batch_size * spec.bptt / (time.perf_counter() - started)
+    train_tps = steps * cfg.batch_size * cfg.bptt / (time.perf_counter() - started)
     ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
     started = time.perf_counter()
     score_stream(model, ids, params.eval_chunk, 0, device)
     sync(device)
     eval_tps = eval_tokens / (time.perf_counter() - started)
     return {"model": model_name, "parameters": model.num_parameters(),
-            "batch": f"{spec.batch_size}x{spec.bptt}", "train_tok_s": train_tps,
+            "batch": f"{cfg.batch_size}x{cfg.bptt}", "train_tok_s": train_tps,
             "eval_tok_s": eval_tps}
 
 

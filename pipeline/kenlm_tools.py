@@ -78,8 +78,10 @@ def build(jobs: int | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="kenlm-build-", dir=bin_dir.parent) as tmp:
         work = Path(tmp)
         subprocess.run(
+            # --no-binary for kenlm alone: its build requirements (cmake, ...) may come
+            # as wheels; ":all:" would compile CMake from source (minutes)
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--no-binary", ":all:", f"kenlm=={KENLM_VERSION}", "-d", str(work)],
+             "--no-binary", "kenlm", f"kenlm=={KENLM_VERSION}", "-d", str(work)],
             check=True,
         )
         (sdist,) = work.glob("kenlm-*.tar.gz")

@@ -14,6 +14,9 @@ metrics, so `dvc metrics show` and `dvc exp show` list every test perplexity.
 A corpus generated from a known source (`synthetic`) also gets its floor: the
 source's entropy rate as a perplexity, the best any model can expect, and the
 source's own perplexity on the very test sentences.
+A published reference is shown beside the row it speaks of; "ours − published" only
+where the row ran its configuration (pipeline/references.py decides), otherwise the
+figure is context with the reason it is not comparable.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import pandas as pd
 from pipeline.atomic import write_json, write_text
 from pipeline.dataset import PreparedCorpus
 from pipeline.lineup import configured_models
-from pipeline.references import reference_for
+from pipeline.references import REFERENCES_NOTE, compare
 
 COLUMNS = [
     "corpus", "model", "description", "size", "size_unit", "valid_ppl", "test_ppl",
     "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "tokens_per_s",
-    "epochs", "device", "preset",
+    "epochs", "device", "preset", "config",
     "ref_valid_ppl", "ref_test_ppl", "test_ppl_minus_ref", "ref_description", "ref_source",
+    "ref_match", "ref_note",
     "floor_ppl", "source_test_ppl",
 ]
 SCORING_NOTE = (
@@ -85,14 +89,8 @@ def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None) ->
                     f"({counts.to_dict()}); their perplexities are not comparable"
                 )
     table = metrics.copy()
-    presets = table["preset"] if "preset" in table else [None] * len(table)
-    refs = [reference_for(c, m, p if isinstance(p, str) else None)
-            for c, m, p in zip(table["corpus"], table["model"], presets, strict=True)]
-    table["ref_valid_ppl"] = pd.to_numeric([r.valid if r else None for r in refs])
-    table["ref_test_ppl"] = pd.to_numeric([r.test if r else None for r in refs])
-    table["ref_description"] = [r.description if r else "" for r in refs]
-    table["ref_source"] = [r.source if r else "" for r in refs]
-    table["test_ppl_minus_ref"] = (table["test_ppl"] - table["ref_test_ppl"]).round(2)
+    add_references(table)
+    table["config"] = [config_json(c) for c in table.get("config", [None] * len(table))]
     floors = floors or {}
     table["floor_ppl"] = pd.to_numeric([floors.get(c, {}).get("floor_ppl")
                                         for c in table["corpus"]])
@@ -103,6 +101,44 @@ def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None) ->
             table[column] = None
     return (table[COLUMNS].sort_values(["corpus", "test_ppl"], kind="stable")
             .reset_index(drop=True))
+
+
+def add_references(table: pd.DataFrame) -> None:
+    """The reference columns, in place: ref_valid_ppl / ref_test_ppl (published perplexities),
+    ref_description (its model and configuration), ref_source, ref_match (our row ran that
+    configuration), ref_note (why not, for a context reference) and test_ppl_minus_ref
+    (ours − published test perplexity, matches only)."""
+    comparisons = [compare(row) for row in table.to_dict("records")]
+    refs = [c.reference for c in comparisons]
+    table["ref_valid_ppl"] = pd.to_numeric([r.valid if r else None for r in refs])
+    table["ref_test_ppl"] = pd.to_numeric([r.test if r else None for r in refs])
+    table["ref_description"] = [r.description if r else "" for r in refs]
+    table["ref_source"] = [r.source if r else "" for r in refs]
+    table["ref_match"] = [c.match for c in comparisons]
+    table["ref_note"] = [c.note for c in comparisons]
+    table["test_ppl_minus_ref"] = pd.to_numeric(
+        [c.difference(ours) for c, ours in zip(comparisons, table["test_ppl"], strict=True)])
+
+
+def config_json(config) -> str:
+    """A row's resolved settings as one CSV cell (JSON, keys sorted); "" when it has none."""
+    return json.dumps(config, sort_keys=True) if isinstance(config, dict) else ""
+
+
+def reference_cells(row) -> tuple[str, str]:
+    """("published test ppl (source)", "ours − published") for a leaderboard row: the
+    difference only for a match, "context: <why not comparable>" for another reference."""
+    if pd.isna(row.ref_test_ppl):
+        return "", ""
+    published = f"{_fmt(row.ref_test_ppl, 1)} ({row.ref_description}; {row.ref_source})"
+    if row.ref_match:
+        return published, _fmt(row.test_ppl_minus_ref)
+    return published, f"context: {row.ref_note}"
+
+
+def _fmt_epochs(value) -> str:
+    """Epochs trained: 13, or 0.62 for a run stopped inside an epoch."""
+    return "" if value is None or pd.isna(value) else f"{round(float(value), 2):g}"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -116,7 +152,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def render_markdown(table: pd.DataFrame) -> str:
-    out = ["# Leaderboard", "", SCORING_NOTE, ""]
+    out = ["# Leaderboard", "", SCORING_NOTE, "", REFERENCES_NOTE, ""]
     for corpus, group in table.groupby("corpus", sort=False):
         char = group["test_bpc"].notna().any()
         out += [f"## {corpus}", ""]
@@ -125,18 +161,16 @@ def render_markdown(table: pd.DataFrame) -> str:
         header = ["model", "size", "valid ppl", "test ppl"]
         header += ["test bpc"] if char else []
         header += ["tokens (valid / test)", "train time (s)", "train tok/s", "epochs", "device",
-                   "published test ppl (source)", "ours - published"]
+                   "published test ppl (source)", "ours − published"]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in group.itertuples():
             size = f"{_fmt(int(row.size))} {row.size_unit}" if pd.notna(row.size) else ""
-            ref = (f"{_fmt(row.ref_test_ppl, 1)} ({row.ref_description}; {row.ref_source})"
-                   if pd.notna(row.ref_test_ppl) else "")
+            published, difference = reference_cells(row)
             cells = [row.model, size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
             cells += [_fmt(row.test_bpc, 3)] if char else []
-            epochs = _fmt(int(row.epochs)) if pd.notna(row.epochs) else ""
             cells += [f"{_fmt(int(row.valid_tokens))} / {_fmt(int(row.test_tokens))}",
-                      _fmt(row.train_seconds, 1), _fmt(row.tokens_per_s, 0), epochs,
-                      row.device or "", ref, _fmt(row.test_ppl_minus_ref)]
+                      _fmt(row.train_seconds, 1), _fmt(row.tokens_per_s, 0),
+                      _fmt_epochs(row.epochs), row.device or "", published, difference]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -4,12 +4,14 @@
         --curves reports/curves --samples reports/samples \
         --plots reports/plots --html reports/leaderboard.html
 
-Per corpus: learning curves (validation perplexity against epoch and against
-wall time, one line per neural model), test perplexity against model size,
-perplexity against n-gram order; across corpora: ours against the published
-references. The HTML page embeds every plot and sample (base64 PNG, inline CSS)
-so it opens offline, and links to the Markdown sample reports. Everything is
-also logged as artifacts of an MLflow run `summary/leaderboard`.
+Per corpus: learning curves (validation perplexity against training tokens seen,
+the axis that is fair across models, and against training wall time, one line per
+neural model), test perplexity against model size, perplexity against n-gram
+order; across corpora: ours against the published references whose configuration
+our row ran (pipeline/references.py decides; the others are context, in the tables).
+The HTML page embeds every plot and sample (base64 PNG, inline CSS) so it opens
+offline, and links to the Markdown sample reports. Everything is also logged as
+artifacts of an MLflow run `summary/leaderboard`.
 """
 
 from __future__ import annotations
@@ -25,18 +27,26 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
 from pipeline.atomic import atomic_path, write_text  # noqa: E402
-from pipeline.leaderboard import SCORING_NOTE, floor_note  # noqa: E402
+from pipeline.leaderboard import SCORING_NOTE, floor_note, reference_cells  # noqa: E402
 from pipeline.lineup import is_ngram  # noqa: E402
+from pipeline.references import REFERENCES_NOTE  # noqa: E402
+
+
+def _count(value: float) -> str:
+    """A count as 300k, 2M, 1.5G."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
 
 
 def _size_labels(axis) -> None:
-    """Label a log axis of counts 300k, 2M, ... (major ticks only)."""
-    axis.set_major_formatter(FuncFormatter(
-        lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e3 else f"{v:g}"))
+    """Label an axis of counts 300k, 2M, ... (major ticks only)."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -71,28 +81,31 @@ def load_curves(curves_dir: Path, corpus: str, models: list[str]) -> dict[str, p
 
 
 def plot_curves(corpus: str, curves: dict[str, pd.DataFrame], table: pd.DataFrame):
-    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    """Validation perplexity against training tokens seen (left) and training minutes
+    (right), one line per neural model; the best n-gram as a dashed line."""
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for model, curve in curves.items():
-        by_epoch.plot(curve["epoch"], curve["valid_ppl"], marker="o", label=model)
-        by_time.plot(curve["elapsed_s"] / 60, curve["valid_ppl"], marker="o", label=model)
+        by_tokens.plot(curve["tokens"], curve["valid_ppl"], marker="o", markersize=3,
+                       label=model)
+        by_time.plot(curve["elapsed_s"] / 60, curve["valid_ppl"], marker="o", markersize=3,
+                     label=model)
     ngrams = table[table["model"].map(is_ngram)]
     if len(ngrams):
         best = ngrams.loc[ngrams["valid_ppl"].idxmin()]
-        for ax in (by_epoch, by_time):
+        for ax in (by_tokens, by_time):
             ax.axhline(best["valid_ppl"], color="grey", linestyle="--",
                        label=f"{best['model']} (no training curve)")
-    for ax in (by_epoch, by_time):
+    for ax in (by_tokens, by_time):
         _draw_floor(ax, table)
-    by_epoch.set(xlabel="epoch", ylabel="validation perplexity", yscale="log",
-                 title=f"{corpus}: learning curves")
-    by_time.set(xlabel="training time (minutes)", title=f"{corpus}: against wall time")
-    by_epoch.legend(fontsize="small")
-    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
-    last_epoch = max(int(curve["epoch"].max()) for curve in curves.values())
-    by_epoch.set_xlim(0.5, last_epoch + 0.5)
+    by_tokens.set(xlabel="training tokens seen", ylabel="validation perplexity", yscale="log",
+                  title=f"{corpus}: learning curves", xlim=(0, None))
+    by_time.set(xlabel="training time (minutes)", title=f"{corpus}: against wall time",
+                xlim=(0, None))
+    by_tokens.legend(fontsize="small")
+    _size_labels(by_tokens.xaxis)
     by_time.ticklabel_format(axis="x", useOffset=False)
-    _plain_log_labels(by_epoch.yaxis)
-    for ax in (by_epoch, by_time):
+    _plain_log_labels(by_tokens.yaxis)
+    for ax in (by_tokens, by_time):
         ax.grid(alpha=0.3, which="both")
     return fig
 
@@ -131,15 +144,23 @@ def plot_orders(corpus: str, table: pd.DataFrame):
     return fig
 
 
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows that ran a published configuration, with its test perplexity."""
+    match = table["ref_match"].fillna(False).astype(bool) if "ref_match" in table else False
+    return table[match & table["ref_test_ppl"].notna()]
+
+
 def plot_published(table: pd.DataFrame):
-    rows = table[table["ref_test_ppl"].notna()]
+    """Ours against published test perplexity, matching rows only (see comparable)."""
+    rows = comparable(table)
     fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(rows), 1) + 1.5))
     labels = [f"{r.corpus}/{r.model}" for r in rows.itertuples()]
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], rows["test_ppl"], height=0.4, label="ours")
     ax.barh([i - 0.2 for i in y], rows["ref_test_ppl"], height=0.4, label="published")
     ax.set_yticks(list(y), labels)
-    ax.set(xlabel="test perplexity", title="ours against published references")
+    ax.set(xlabel="test perplexity",
+           title="ours against published references (same configuration only)")
     ax.legend()
     ax.grid(alpha=0.3, axis="x")
     return fig
@@ -163,7 +184,7 @@ def render_table(group: pd.DataFrame) -> str:
     char = group["test_bpc"].notna().any()
     head = ["model", "size", "valid ppl", "test ppl", *(["test bpc"] if char else []),
             "tokens (test)", "train time (s)", "epochs", "device", "published test ppl",
-            "ours − published", "source"]
+            "ours − published", "published model (source)"]
     rows = []
     for index, r in group.iterrows():
         mark = ' class="best" title="best test perplexity"' if index == best else ""
@@ -173,7 +194,7 @@ def render_table(group: pd.DataFrame) -> str:
                  *([_num(r["test_bpc"], 3)] if char else []), _num(r["test_tokens"]),
                  _num(r["train_seconds"], 1), _num(r.get("epochs")),
                  html.escape(str(r["device"] or "")), _num(r["ref_test_ppl"], 1),
-                 _num(r["test_ppl_minus_ref"]),
+                 html.escape(reference_cells(r)[1]),
                  html.escape(f"{r['ref_description']} ({r['ref_source']})"
                              if isinstance(r["ref_source"], str) and r["ref_source"] else "")]
         rows.append(f"<tr{mark}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -212,6 +233,7 @@ def render_html(table: pd.DataFrame, plots: dict[str, list[Path]], samples: dict
              "<title>lm-baselines leaderboard</title>", f"<style>{CSS}</style></head><body>",
              "<h1>lm-baselines leaderboard</h1>",
              f"<p class='note'>{html.escape(SCORING_NOTE)}</p>",
+             f"<p class='note'>{html.escape(REFERENCES_NOTE)}</p>",
              "<p>Corpora: " + ", ".join(f"<a href='#{c}'>{html.escape(c)}</a>"
                                          for c in table["corpus"].unique()) + "</p>"]
     for corpus, group in table.groupby("corpus", sort=False):
@@ -251,7 +273,7 @@ def make_report(leaderboard: Path, curves_dir: Path, samples_dir: Path, plots_di
             if sample_file.exists():
                 samples[corpus] = json.loads(sample_file.read_text(encoding="utf-8"))
         published = (_save(plot_published(table), staging / "published.png")
-                     if table["ref_test_ppl"].notna().any() else None)
+                     if len(comparable(table)) else None)
         write_text(out_html, render_html(table, plots, samples, published))
     # the plots now live in plots_dir
     return {c: [plots_dir / p.name for p in ps] for c, ps in plots.items()}

@@ -9,19 +9,28 @@ and detached (truncated back-propagation through time):
     column 1: e f | g h        step 2 reads [c d], [g h], [k l]
     column 2: i j | k l
 
-Checkpoints (state dicts plus plain data, loadable with weights_only=True):
-`last.pt` is the resume point. It is written after every epoch, every
-`checkpoint_every_s` seconds of training, and when SIGINT (Ctrl-C) or SIGTERM
-arrives; a mid-epoch one also holds the position in the epoch, the carried
-state and the RNG state, so a resumed run continues exactly where the
-interrupted one stopped and ends with the same numbers. It is used only when
-its fingerprint of configuration, data and training code matches. `best.pt`
-holds the model at the best validation perplexity. Validation uses the exact
-stream scorer of pipeline/perplexity.py.
+A run is bounded by epochs and, optionally, by a number of training tokens
+(`max_tokens`), never by wall-clock time: the same commit on the same machine
+trains the same model. It is planned up front (`Plan`): how many steps, and
+after which steps to validate (`evals_per_epoch` points per epoch, plus the
+last step), so a one-epoch run still has a learning curve.
+
+    train_model
+      Plan            steps, validation points
+      ResumePoint     last.pt: load at the start, save at validation points,
+                      every `checkpoint_every_s` and on Ctrl-C / SIGTERM
+      train_segment   train_step ... up to the next validation point
+      validate        exact perplexity of the valid split; best.pt; lr schedule
+
+`last.pt` is used only when its fingerprint of configuration, data, `extra`
+(the vocabulary digest among it) and training code matches; a resumed run
+continues exactly (same batches, state, RNG) and ends with the same numbers.
+Checkpoints are state dicts plus plain data, loadable with weights_only=True.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +38,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -41,22 +50,248 @@ from pipeline.atomic import atomic_path
 from pipeline.networks import LanguageModel, NetworkConfig, detach
 from pipeline.perplexity import SplitScore, stream_nll
 
+CHECK_EVERY = 50  # steps between host-side loss checks (a .item() is a GPU sync)
+
 
 class TrainingDiverged(RuntimeError):
     pass
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+    """SIGINT or SIGTERM stopped training after a resume point was written."""
 
     def __init__(self, signal_name: str, message: str):
         super().__init__(f"{signal_name}: {message}")
         self.exit_code = 128 + signal.Signals[signal_name].value  # as if the signal killed it
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int  # B: parallel columns of the training stream
+    bptt: int  # T: tokens per column per step (truncated back-propagation length)
+    epochs: int  # passes over the training split, at most
+    max_tokens: int  # stop once this many training tokens are seen (a whole step); 0 = off
+    evals_per_epoch: int  # validation points per epoch (learning-curve resolution)
+    optimizer: Literal["sgd", "adam"]
+    lr: float  # in the unit of `loss`
+    # token_mean: loss averaged over B x T tokens; time_sum: summed over the T unrolled
+    # steps, averaged over B (Zaremba et al.'s code): the same step as token_mean with
+    # lr x T and clip / T
+    loss: Literal["token_mean", "time_sum"]
+    # decay: lr /= lr_decay after every epoch >= decay_after (Zaremba et al.);
+    # plateau: lr /= lr_decay after an epoch that did not improve validation;
+    # cosine: from lr down to lr x lr_min over the planned steps, after a linear warm-up
+    schedule: Literal["decay", "plateau", "cosine"]
+    lr_decay: float
+    decay_after: int
+    warmup: float  # cosine: fraction of the planned steps spent warming up linearly
+    lr_min: float  # cosine: the last step's lr, as a fraction of lr
+    clip: float  # gradient-norm clip, in the unit of `loss`; 0 = off
+    seed: int
+
+    def check(self) -> list[tuple[str, str]]:
+        """(key, problem) pairs; empty when the configuration is usable."""
+        problems = [(k, f"must be positive, got {getattr(self, k)}")
+                    for k in ("batch_size", "bptt", "epochs", "evals_per_epoch")
+                    if getattr(self, k) <= 0]
+        problems += [(k, f"must be >= 0, got {getattr(self, k)}")
+                     for k in ("max_tokens", "clip", "decay_after") if getattr(self, k) < 0]
+        if self.lr <= 0:
+            problems.append(("lr", f"must be positive, got {self.lr}"))
+        if self.lr_decay < 1:
+            problems.append(("lr_decay", f"must be >= 1, got {self.lr_decay}"))
+        for key in ("warmup", "lr_min"):
+            if not 0 <= getattr(self, key) <= 1:
+                problems.append((key, f"must be in [0, 1], got {getattr(self, key)}"))
+        return problems
+
+
+def batchify(ids: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (batch_size, L): contiguous columns of the stream."""
+    stream = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    length = (len(stream) - 1) // batch_size
+    if length < 1:
+        raise ValueError(f"{len(stream)} tokens cannot fill a batch of {batch_size} columns")
+    x = stream[: length * batch_size].view(batch_size, length)
+    y = stream[1 : length * batch_size + 1].view(batch_size, length)
+    return x, y
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many steps a run takes and after which ones it validates."""
+
+    columns: int  # L: tokens per column of the batched training split
+    steps_per_epoch: int
+    total_steps: int
+    eval_steps: tuple[int, ...]  # validate after these global step counts
+
+    @classmethod
+    def make(cls, columns: int, cfg: TrainConfig) -> Plan:
+        spe = math.ceil(columns / cfg.bptt)
+        total = cfg.epochs * spe
+        if cfg.max_tokens:
+            per_epoch = cfg.batch_size * columns
+            full, rest = divmod(cfg.max_tokens, per_epoch)
+            if full < cfg.epochs:  # every step but an epoch's last reads B x T tokens
+                total = full * spe + math.ceil(rest / (cfg.batch_size * cfg.bptt))
+        total = max(total, 1)
+        points = {e * spe + round(k * spe / cfg.evals_per_epoch)
+                  for e in range(math.ceil(total / spe))
+                  for k in range(1, cfg.evals_per_epoch + 1)}
+        evals = tuple(sorted({s for s in points if 0 < s <= total} | {total}))
+        return cls(columns, spe, total, evals)
+
+    def chunk(self, step: int, bptt: int) -> slice:
+        """Columns read by 0-based global `step`."""
+        start = (step % self.steps_per_epoch) * bptt
+        return slice(start, min(start + bptt, self.columns))
+
+    def next_eval(self, step: int) -> int:
+        return next(s for s in self.eval_steps if s > step)
+
+
+def scheduled_lr(cfg: TrainConfig, plan: Plan, step: int, epoch_lr: float) -> float:
+    """The lr of 0-based global `step`. decay/plateau: `epoch_lr`, which changes only at
+    epoch ends (next_lr); cosine: a function of the step alone."""
+    if cfg.schedule != "cosine":
+        return epoch_lr
+    warm = round(cfg.warmup * plan.total_steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, plan.total_steps - warm - 1)  # 0 .. 1
+    return cfg.lr * (cfg.lr_min + (1 - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:
+    """The epoch-level lr after `epoch`: fixed decay from decay_after on (Zaremba et al.),
+    or divide-on-plateau when the epoch did not beat the best validation so far."""
+    if (cfg.schedule == "decay" and epoch >= cfg.decay_after) or \
+            (cfg.schedule == "plateau" and not improved):
+        return lr / cfg.lr_decay
+    return lr
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def train_step(model: LanguageModel, opt: torch.optim.Optimizer, xb: torch.Tensor,
+               yb: torch.Tensor, state, *, cfg: TrainConfig, autocast: bool):
+    """One optimizer step on a (B, T) chunk; returns (mean loss in nats per token, as a
+    detached tensor: no host sync, the carried state, detached)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        _, loss, state = model(xb, yb, state)  # loss: mean over B x T tokens
+    opt.zero_grad(set_to_none=True)
+    # time_sum: summed over the T unrolled steps, averaged over the batch
+    (loss * yb.size(1) if cfg.loss == "time_sum" else loss).backward()
+    if cfg.clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    opt.step()
+    return loss.detach(), detach(state)
+
+
+@dataclass
+class Progress:
+    """Everything a resumed run needs besides the model and optimizer (plain data)."""
+
+    lr: float  # the epoch-level lr (decay/plateau schedules)
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens seen
+    seconds: float = 0.0  # training time, validation excluded
+    best_valid: float = math.inf
+    best_step: int = 0
+    history: list = field(default_factory=list)
+    segment_losses: list = field(default_factory=list)  # per-step nats since the last
+    # validation point (summed with math.fsum)
+    segment_tokens: int = 0
+    segment_seconds: float = 0.0
+    state: object = None  # the carried recurrent state (tensors) mid-epoch
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(state, device: str):
+    """A carried recurrent state (None, a tensor or a tuple of them) on `device`."""
+    if state is None:
+        return None
+    if isinstance(state, tuple | list):
+        return tuple(s.to(device) for s in state)
+    return state.to(device)
+
+
+def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
+                valid_ids: np.ndarray, extra: dict) -> str:
+    """What a resume point must match: configuration, data, `extra` and the training code.
+    (Scoring code may change: a finished run is then only re-scored.)"""
+    h = hashlib.sha256()
+    h.update(json.dumps([asdict(net_cfg), asdict(cfg), extra], sort_keys=True).encode())
+    h.update(np.ascontiguousarray(train_ids).tobytes())
+    h.update(np.ascontiguousarray(valid_ids).tobytes())
+    for module in ("networks.py", "training.py"):
+        h.update((Path(__file__).parent / module).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> dict:
+    """A checkpoint as plain data and tensors (weights_only: no code is unpickled)."""
+    return torch.load(path, weights_only=True, map_location=device)
+
+
+@dataclass
+class ResumePoint:
+    """checkpoint_dir/last.pt: the model, optimizer, RNG and Progress of a run."""
+
+    path: Path
+    key: str  # fingerprint()
+    extra: dict  # plain data stored with it (corpus, vocabulary digest, ...)
+
+    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Progress,
+             device: str) -> None:
+        plain = asdict(progress) | {"state": detach(progress.state)}
+        save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "rng": _rng_state(), "fingerprint": self.key,
+                                    "progress": plain, **self.extra})
+
+    def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             device: str) -> Progress | None:
+        """The saved Progress (model, optimizer and RNG restored), or None to start over."""
+        if not self.path.exists():
+            return None
+        ckpt = load_checkpoint(self.path)  # on the CPU: RNG states must stay there
+        if ckpt.get("fingerprint") != self.key or "progress" not in ckpt:
+            print(f"{self.path} belongs to another configuration, data or code: "
+                  "training from scratch")
+            return None
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        progress = Progress(**ckpt["progress"])
+        progress.state = _to_device(progress.state, device)
+        return progress
+
+
 class _StopOnSignal:
     """Turns SIGINT/SIGTERM into a request that the loop honours between steps, so the
-    checkpoint it then writes is consistent (never a half-applied optimizer step). A
+    resume point it then writes is consistent (never a half-applied optimizer step). A
     second signal acts at once, as usual."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -80,217 +315,166 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int
-    bptt: int
-    epochs: int
-    optimizer: Literal["sgd", "adam"]
-    lr: float
-    schedule: Literal["decay", "plateau"]  # decay: lr /= lr_decay after each epoch >= decay_after
-    lr_decay: float  # plateau: lr /= lr_decay when validation does not beat the best so far
-    decay_after: int
-    clip: float  # gradient-norm clip; 0 = off
-    time_budget_s: float  # training seconds after which the run stops (mid-epoch); 0 = none
-    seed: int
+@dataclass
+class _Run:
+    """What train_segment and validate share: the objects of one training run."""
+
+    model: LanguageModel
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    plan: Plan
+    x: torch.Tensor  # (B, L) inputs
+    y: torch.Tensor  # (B, L) targets
+    device: str
+    autocast: bool
+    resume: ResumePoint
+    stop: _StopOnSignal
+    bar: tqdm
 
 
-def batchify(ids: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (batch_size, L): contiguous columns of the stream."""
-    stream = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    length = (len(stream) - 1) // batch_size
-    if length < 1:
-        raise ValueError(f"{len(stream)} tokens cannot fill a batch of {batch_size} columns")
-    x = stream[: length * batch_size].view(batch_size, length)
-    y = stream[1 : length * batch_size + 1].view(batch_size, length)
-    return x, y
+def train_segment(run: _Run, progress: Progress, until: int,
+                  checkpoint_every_s: float) -> None:
+    """Train from progress.step up to global step `until` (a validation point)."""
+    cfg, plan = run.cfg, run.plan
+    pending: list[torch.Tensor] = []  # per-step losses still on the device (no host sync)
+    tick = last_save = time.perf_counter()
+
+    def book_time() -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        progress.seconds += now - tick
+        progress.segment_seconds += now - tick
+        tick = now
+
+    def check_loss() -> None:
+        # per-step sums kept as host floats and added with fsum: the segment's loss is
+        # the same however a resume point split it
+        if pending:
+            progress.segment_losses += torch.stack(pending).double().tolist()
+            pending.clear()
+        if not math.isfinite(math.fsum(progress.segment_losses)):
+            raise TrainingDiverged(
+                f"loss became {math.fsum(progress.segment_losses)} by step {progress.step} "
+                f"(epoch {progress.step / plan.steps_per_epoch:.2f}): lower the learning rate "
+                f"(lr={cfg.lr}) or enable gradient clipping")
+
+    while progress.step < until:
+        if progress.step % plan.steps_per_epoch == 0:
+            progress.state = None  # a new epoch starts each column afresh
+        lr = scheduled_lr(cfg, plan, progress.step, progress.lr)
+        for group in run.opt.param_groups:
+            group["lr"] = lr
+        cols = plan.chunk(progress.step, cfg.bptt)
+        xb, yb = run.x[:, cols].to(run.device), run.y[:, cols].to(run.device)  # (B, T)
+        loss, progress.state = train_step(run.model, run.opt, xb, yb, progress.state,
+                                          cfg=cfg, autocast=run.autocast)
+        pending.append(loss * yb.numel())  # nats summed over the chunk's tokens
+        progress.step += 1
+        progress.tokens += yb.numel()
+        progress.segment_tokens += yb.numel()
+        run.bar.update(1)
+        if progress.step % CHECK_EVERY == 0:
+            check_loss()
+            book_time()
+            mean = math.fsum(progress.segment_losses) / progress.segment_tokens
+            run.bar.set_postfix(loss=f"{mean:.3f}",
+                                tok_s=f"{progress.segment_tokens / progress.segment_seconds:.0f}",
+                                lr=f"{lr:.3g}")
+        due = checkpoint_every_s and time.perf_counter() - last_save >= checkpoint_every_s
+        if progress.step < until and (run.stop.requested or due):
+            check_loss()
+            book_time()
+            run.resume.save(run.model, run.opt, progress, run.device)
+            last_save = time.perf_counter()
+            if run.stop.requested:
+                raise TrainingInterrupted(
+                    run.stop.requested, f"stopped at step {progress.step} of "
+                    f"{plan.total_steps}; the resume point is {run.resume.path}")
+    check_loss()
+    book_time()
 
 
-def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
-                valid_ids: np.ndarray) -> str:
-    """What a resume point must match: configuration, data and the training code.
-    (Scoring code may change: a finished run is then only re-scored.)"""
-    h = hashlib.sha256()
-    h.update(json.dumps([asdict(net_cfg), asdict(cfg)], sort_keys=True).encode())
-    h.update(np.ascontiguousarray(train_ids).tobytes())
-    h.update(np.ascontiguousarray(valid_ids).tobytes())
-    for module in ("networks.py", "training.py"):
-        h.update((Path(__file__).parent / module).read_bytes())
-    return h.hexdigest()[:20]
+def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: int,
+             eval_chunk: int, checkpoint_dir: Path, network: NetworkConfig) -> dict:
+    """Score the whole valid split; keep best.pt; the epoch-end lr change; a curve point."""
+    valid_nll, valid_tokens = stream_nll(run.model, valid_ids, eval_chunk, eos_id, run.device)
+    if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
+        raise TrainingDiverged(
+            f"validation loss {valid_nll / valid_tokens:.3g} nats/token at step "
+            f"{progress.step}: the run diverged; lower the learning rate (lr={run.cfg.lr}) "
+            "or clip gradients")
+    valid = SplitScore(valid_nll, valid_tokens).perplexity
+    spe = run.plan.steps_per_epoch
+    record = {
+        "step": progress.step, "epoch": round(progress.step / spe, 4),
+        "tokens": progress.tokens, "elapsed_s": round(progress.seconds, 3),
+        "train_ppl": math.exp(min(math.fsum(progress.segment_losses)
+                                  / progress.segment_tokens, 700)),
+        "valid_ppl": valid,
+        "lr": scheduled_lr(run.cfg, run.plan, progress.step - 1, progress.lr),
+        "tokens_per_s": progress.segment_tokens / max(progress.segment_seconds, 1e-9),
+    }
+    progress.history.append(record)
+    if valid < progress.best_valid:
+        progress.best_valid, progress.best_step = valid, progress.step
+        save_checkpoint(checkpoint_dir / "best.pt", {
+            "model": run.model.state_dict(), "network": asdict(network),
+            "train": asdict(run.cfg), "step": progress.step, "valid_ppl": valid,
+            **run.resume.extra})
+    if progress.step % spe == 0:  # an epoch ended
+        epoch = progress.step // spe
+        improved = progress.best_step > progress.step - spe
+        progress.lr = next_lr(run.cfg, epoch, progress.lr, improved)
+    progress.segment_losses, progress.segment_tokens, progress.segment_seconds = [], 0, 0.0
+    return record
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path, device: str = "cpu") -> dict:
-    """A checkpoint as plain data and tensors (weights_only: no code is unpickled)."""
-    return torch.load(path, weights_only=True, map_location=device)
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _to_device(state, device: str):
-    """A carried recurrent state (None, a tensor or a tuple of them) on `device`."""
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return tuple(s.to(device) for s in state)
-    return state.to(device)
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:
-    """The learning rate after `epoch`: fixed decay from decay_after on (Zaremba et al.),
-    or divide-on-plateau when the epoch did not beat the best validation so far."""
-    if (cfg.schedule == "decay" and epoch >= cfg.decay_after) or \
-            (cfg.schedule == "plateau" and not improved):
-        return lr / cfg.lr_decay
-    return lr
-
-
-def train_model(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
+def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
-                on_epoch: Callable[[dict], None] | None = None, bf16: bool = False,
+                on_eval: Callable[[dict], None] | None = None, bf16: bool = False,
                 extra: dict | None = None, eval_chunk: int = 512,
                 checkpoint_every_s: float = 0) -> dict:
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
-    configuration, data and code; return a summary. `extra` (plain data) is stored in
-    the checkpoints; `eval_chunk` only sets the scorer's pass length and
-    `checkpoint_every_s` (0 = epoch ends only) how often a mid-epoch resume point is
-    written; neither changes the result. Raises TrainingInterrupted on SIGINT/SIGTERM,
-    after writing a resume point."""
+    configuration, data, `extra` and code; return a summary. `on_eval` gets each
+    learning-curve point; `eval_chunk` (the scorer's pass length) and
+    `checkpoint_every_s` (0 = validation points only) do not change the result.
+    Raises TrainingInterrupted on SIGINT/SIGTERM, after writing a resume point."""
+    cfg, extra = training, extra or {}
     torch.manual_seed(cfg.seed)
-    autocast = bf16 and device.startswith("cuda")
-    model = LanguageModel(net_cfg).to(device)
-    opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr) if cfg.optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    model = LanguageModel(network).to(device)
+    opt = make_optimizer(model, cfg)
     x, y = batchify(train_ids, cfg.batch_size)
-    steps_per_epoch = math.ceil(x.size(1) / cfg.bptt)
-    key = fingerprint(net_cfg, cfg, train_ids, valid_ids)
-    history: list[dict] = []
-    start_epoch, best_valid, lr, elapsed = 1, math.inf, cfg.lr, 0.0
-    position = None  # where a mid-epoch resume point left off
-    last = checkpoint_dir / "last.pt"
-    ckpt = load_checkpoint(last) if last.exists() else None  # on the CPU: RNG states
-    if ckpt is not None and ckpt.get("fingerprint") != key:
-        print(f"{last} belongs to another configuration, data or code: training from scratch")
-    elif ckpt is not None:
-        position = ckpt.get("position")
-        where = (f"epoch {position['epoch']}, step {position['step']} of {steps_per_epoch}"
-                 if position else f"epoch {ckpt['epoch']} done")
-        print(f"resuming from {last} ({where})")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, best_valid, lr = ckpt["epoch"] + 1, ckpt["best_valid"], ckpt["lr"]
-        history, elapsed = ckpt["history"], ckpt["elapsed"]
-
-    def save_resume_point(epoch_done: int, elapsed: float, position: dict | None) -> None:
-        save_checkpoint(last, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(),
-            "fingerprint": key, "epoch": epoch_done, "best_valid": best_valid, "lr": lr,
-            "history": history, "elapsed": elapsed, "position": position, **(extra or {})})
-
-    with _StopOnSignal() as stop:
-        print(f"training {model.num_parameters():,} parameters: {cfg.epochs} epochs of "
-              f"{steps_per_epoch} steps; Ctrl-C saves a resume point", flush=True)
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if cfg.time_budget_s and elapsed >= cfg.time_budget_s:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr
-            model.train()
-            # the epoch so far: nothing, or what a mid-epoch resume point recorded
-            first_step, state, nll, count, epoch_seconds = 0, None, 0.0, 0, 0.0
-            if position is not None:
-                first_step, state = position["step"], _to_device(position["state"], device)
-                nll, count, epoch_seconds = position["nll"], position["count"], position["seconds"]
-                position = None
-            t0 = last_save = time.perf_counter()
-            bar = tqdm(range(first_step, steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
-                       unit=" step", initial=first_step, total=steps_per_epoch, leave=False,
-                       disable=None)  # None: no bar when output is not a terminal (logs)
-            for step in bar:
-                xb = x[:, step * cfg.bptt : (step + 1) * cfg.bptt].to(device)  # (B, T)
-                yb = y[:, step * cfg.bptt : (step + 1) * cfg.bptt].to(device)  # (B, T)
-                state = detach(state)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    _, loss, state = model(xb, yb, state)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch}, step {step}: "
-                        f"lower the learning rate (lr={lr}) or enable gradient clipping"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-                opt.step()
-                nll += loss.item() * yb.numel()
-                count += yb.numel()
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{loss.item():.3f}",
-                                tok_s=f"{count / (epoch_seconds + now - t0):.0f}")
-                over_budget = (cfg.time_budget_s
-                               and elapsed + epoch_seconds + now - t0 >= cfg.time_budget_s)
-                if over_budget or step + 1 == steps_per_epoch:
-                    break  # the epoch is over (the budget may end it early)
-                if stop.requested or (checkpoint_every_s and now - last_save >= checkpoint_every_s):
-                    # elapsed: finished epochs only; this epoch's seconds are the position's
-                    save_resume_point(epoch - 1, elapsed, {
-                        "epoch": epoch, "step": step + 1, "state": detach(state), "nll": nll,
-                        "count": count, "seconds": epoch_seconds + now - t0})
-                    last_save = time.perf_counter()
-                    if stop.requested:
-                        bar.close()
-                        raise TrainingInterrupted(
-                            stop.requested, f"stopped at epoch {epoch}, step {step + 1} of "
-                            f"{steps_per_epoch}; the resume point is {last}")
-            bar.close()
-            seconds = epoch_seconds + time.perf_counter() - t0
-            elapsed += seconds
-            valid_nll, valid_tokens = stream_nll(model, valid_ids, eval_chunk, eos_id, device)
-            if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
-                raise TrainingDiverged(
-                    f"validation loss {valid_nll / valid_tokens:.3g} nats/token after epoch "
-                    f"{epoch}: the run diverged; lower the learning rate (lr={lr}) or clip "
-                    "gradients"
-                )
-            valid = SplitScore(valid_nll, valid_tokens)
-            record = {"epoch": epoch, "train_ppl": math.exp(min(nll / count, 700)),
-                      "valid_ppl": valid.perplexity, "lr": lr, "tokens": count,
-                      "tokens_per_s": count / seconds, "elapsed_s": elapsed}
-            history.append(record)
-            improved = valid.perplexity < best_valid
-            if improved:
-                best_valid = valid.perplexity
-                save_checkpoint(checkpoint_dir / "best.pt", {
-                    "model": model.state_dict(), "network": asdict(net_cfg),
-                    "train": asdict(cfg), "epoch": epoch, "valid_ppl": best_valid,
-                    **(extra or {})})
-            lr = next_lr(cfg, epoch, lr, improved)
-            save_resume_point(epoch, elapsed, None)
-            if on_epoch is not None:
-                on_epoch(record)
+    plan = Plan.make(x.size(1), cfg)
+    resume = ResumePoint(checkpoint_dir / "last.pt",
+                         fingerprint(network, cfg, train_ids, valid_ids, extra), extra)
+    progress = resume.load(model, opt, device)
+    if progress is not None:
+        print(f"resuming from {resume.path} (step {progress.step} of {plan.total_steps})")
+    progress = progress or Progress(lr=cfg.lr)
+    print(f"training {model.num_parameters():,} parameters: {plan.total_steps} steps "
+          f"({plan.total_steps / plan.steps_per_epoch:.2f} epochs of {plan.steps_per_epoch}), "
+          f"{len(plan.eval_steps)} validation points; Ctrl-C saves a resume point", flush=True)
+    bar = tqdm(total=plan.total_steps, initial=progress.step, unit=" step", leave=False,
+               disable=None)  # None: no bar when output is not a terminal (logs)
+    with _StopOnSignal() as stop, bar:
+        run = _Run(model, opt, cfg, plan, x, y, device, bf16 and device.startswith("cuda"),
+                   resume, stop, bar)
+        while progress.step < plan.total_steps:
+            train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
+            record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
+                              eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
+                              network=network)
+            resume.save(model, opt, progress, device)
+            if on_eval is not None:
+                on_eval(record)
             if stop.requested:
-                raise TrainingInterrupted(stop.requested, f"stopped after epoch {epoch}; "
-                                          f"the resume point is {last}")
-    if not history:
-        raise TrainingDiverged("no epoch finished: raise epochs or time_budget_s")
-    return {"history": history, "best_valid_ppl": best_valid,
-            "parameters": model.num_parameters(), "seconds": elapsed}
+                raise TrainingInterrupted(stop.requested, f"stopped at step {progress.step}; "
+                                          f"the resume point is {resume.path}")
+    return {"history": progress.history, "best_valid_ppl": progress.best_valid,
+            "best_step": progress.best_step, "parameters": model.num_parameters(),
+            "seconds": progress.seconds, "tokens": progress.tokens,
+            "epochs": round(progress.step / plan.steps_per_epoch, 4),
+            "plan": dataclasses.asdict(plan) | {"eval_steps": len(plan.eval_steps)}}
 
 
 def load_model(path: Path, device: str = "cpu",

@@ -20,7 +20,8 @@ from pipeline import download, ngram, tracking, train
 from pipeline.corpora import CorpusError
 from pipeline.dataset import PreparedCorpus, id_dtype
 from pipeline.prepare import prepare_corpus
-from pipeline.train import OutOfMemory, TrainParams, train_and_score
+from pipeline.presets import TrainParams
+from pipeline.train import OutOfMemory, train_and_score
 from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
 
 
@@ -60,10 +61,10 @@ def small_corpus(tmp_path_factory, mirror) -> Path:
 
 def small_train_params(**window_changes) -> TrainParams:
     params = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
-    params["presets"]["quick"]["window"].update(
-        {"embedding_size": 8, "hidden_size": 8, "epochs": 1, "time_budget_s": 0,
+    params["presets"]["quick"]["models"]["window"].update(
+        {"embedding_size": 8, "hidden_size": 8, "epochs": 1, "batch_size": 20,
          **window_changes})
-    params["presets"]["quick"]["overrides"] = {}
+    params["presets"]["quick"]["corpora"] = {}
     params["device"] = "cpu"
     from pipeline.params import build
 
@@ -78,7 +79,7 @@ def test_cpu_out_of_memory_suggests_a_smaller_batch(small_corpus, tmp_path):
     # once, before anything is filled
     params = small_train_params(embedding_size=2_000_000_000)
     with pytest.raises(OutOfMemory, match=r"cpu ran out of memory .* lower "
-                                          r"train\.presets\.quick\.window\.batch_size"):
+                                          r"train\.presets\.quick\.models\.window\.batch_size"):
         train_and_score("custom", "window", small_corpus, tmp_path / "ckpt", tmp_path / "m.pt",
                         tmp_path / "curve.json", params)
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "curve.json").exists()
@@ -90,8 +91,8 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch(small_corpus, tmp_path, monk
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "train_model", out_of_memory)
-    with pytest.raises(OutOfMemory, match=r"lower train\.presets\.quick\.window\.batch_size .*"
-                                          "CUDA out of memory"):
+    with pytest.raises(OutOfMemory, match=r"lower train\.presets\.quick\.models\.window\."
+                                          r"batch_size .*CUDA out of memory"):
         train_and_score("custom", "window", small_corpus, tmp_path / "ckpt", tmp_path / "m.pt",
                         tmp_path / "curve.json", small_train_params())
 

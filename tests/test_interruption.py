@@ -38,14 +38,16 @@ def start_repro(repo: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def mid_epoch_position(repo: Path) -> dict | None:
+def mid_segment_progress(repo: Path) -> dict | None:
+    """The resume point's progress when it was written between two validation points."""
     last = repo / CHECKPOINTS / "last.pt"
     if not last.exists():
         return None
     try:
-        return load_checkpoint(last).get("position")
-    except (RuntimeError, EOFError, OSError):  # replaced while being read
+        progress = load_checkpoint(last)["progress"]
+    except (RuntimeError, EOFError, OSError, KeyError):  # replaced while being read
         return None
+    return progress if progress["segment_tokens"] > 0 else None
 
 
 def finish(repo: Path, env: dict) -> str:
@@ -63,7 +65,7 @@ def assert_same_as_uninterrupted(repo: Path, pipeline_run) -> None:
             timing = {"train_seconds", "tokens_per_s"}
             now, before = ({k: v for k, v in d.items() if k not in timing} for d in (now, before))
         else:
-            now, before = ([{k: r[k] for k in ("epoch", "train_ppl", "valid_ppl", "lr", "tokens")}
+            now, before = ([{k: r[k] for k in ("step", "train_ppl", "valid_ppl", "lr", "tokens")}
                             for r in d] for d in (now, before))
         assert now == before, path
 
@@ -72,7 +74,7 @@ def test_sigkill_mid_epoch_then_repro_resumes_to_the_same_metrics(pipeline_run, 
     repo, env = fresh_stage(pipeline_run, tmp_path / "repo", checkpoint_every_s=0.2)
     job = start_repro(repo, env)
     deadline = time.monotonic() + 180
-    while mid_epoch_position(repo) is None:
+    while mid_segment_progress(repo) is None:
         assert job.poll() is None, f"finished before a resume point:\n{job.stdout.read()}"
         assert time.monotonic() < deadline, "no mid-epoch resume point within 180 s"
         time.sleep(0.05)
@@ -86,7 +88,7 @@ def test_sigkill_mid_epoch_then_repro_resumes_to_the_same_metrics(pipeline_run, 
 
 
 def test_ctrl_c_writes_a_resume_point_and_repro_continues_from_it(pipeline_run, tmp_path):
-    # resume points only at epoch ends and on the signal: the one found is Ctrl-C's
+    # resume points only at validation points and on the signal: the one found is Ctrl-C's
     repo, env = fresh_stage(pipeline_run, tmp_path / "repo", checkpoint_every_s=0)
     job = start_repro(repo, env)
     for line in job.stdout:
@@ -97,10 +99,9 @@ def test_ctrl_c_writes_a_resume_point_and_repro_continues_from_it(pipeline_run, 
     output = job.stdout.read()
     job.stdout.close()
     assert job.wait() != 0
-    position = mid_epoch_position(repo)
-    assert position is not None, output[-3000:]  # the signal came mid-epoch (not in validation)
-    assert (f"interrupted (SIGINT: stopped at epoch {position['epoch']}, "
-            f"step {position['step']} of") in output
+    progress = mid_segment_progress(repo)
+    assert progress is not None, output[-3000:]  # the signal came mid-segment (not in validation)
+    assert f"interrupted (SIGINT: stopped at step {progress['step']} of" in output
     log = finish(repo, env)
-    assert f"epoch {position['epoch']}, step {position['step']} of" in log
+    assert f"resuming from {CHECKPOINTS / 'last.pt'} (step {progress['step']} of" in log
     assert_same_as_uninterrupted(repo, pipeline_run)

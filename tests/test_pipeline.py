@@ -56,7 +56,12 @@ def test_repro_builds_the_leaderboard(workspace):
     neural_rows = table[table["model"].isin(NEURAL)]
     assert (neural_rows["epochs"] == 2).all() and (neural_rows["device"] == "cpu").all()
     curve = json.loads((repo / "reports" / "curves" / "custom" / "lstm2.json").read_text())
-    assert [r["epoch"] for r in curve] == [1, 2]
+    # four validation points an epoch (quick preset), by training tokens seen
+    assert [r["epoch"] for r in curve][3::4] == [1.0, 2.0] and len(curve) == 8
+    tokens = [r["tokens"] for r in curve]
+    assert tokens == sorted(set(tokens))
+    metrics = json.loads((repo / "reports" / "metrics" / "custom" / "lstm2.json").read_text())
+    assert metrics["train_tokens"] == tokens[-1] and metrics["epochs"] == 2
     samples = (repo / "reports" / "samples" / "custom.md").read_text()
     assert all(f"## {m}" in samples for m in ["kn2", "kn3", *NEURAL])
     assert (table["test_ppl"] > 1).all() and (table["test_ppl"] < 10_000).all()
@@ -81,7 +86,7 @@ def test_synthetic_corpus_shows_its_floor(workspace):
 def test_mlflow_holds_one_run_per_model(workspace):
     from mlflow.tracking import MlflowClient
 
-    _, env, _ = workspace
+    repo, env, _ = workspace
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("custom")
     runs = client.search_runs([experiment.experiment_id])
@@ -89,8 +94,9 @@ def test_mlflow_holds_one_run_per_model(workspace):
     assert names == sorted(["custom/kn2", "custom/kn3", "custom/lstm", "custom/lstm2",
                             "custom/rnn", "custom/samples", "custom/window"])
     lstm2 = next(r for r in runs if r.info.run_name == "custom/lstm2")
-    curve = client.get_metric_history(lstm2.info.run_id, "epoch_valid_ppl")
-    assert sorted(m.step for m in curve) == [1, 2]
+    curve = client.get_metric_history(lstm2.info.run_id, "curve_valid_ppl")
+    points = json.loads((repo / "reports" / "curves" / "custom" / "lstm2.json").read_text())
+    assert sorted(m.step for m in curve) == [p["tokens"] for p in points]  # step = tokens
     assert len(client.get_metric_history(lstm2.info.run_id, "test_ppl")) == 1
     for r in runs:
         if r.data.tags["family"] != "ngram":
@@ -146,7 +152,7 @@ def test_learning_curve_plot_has_one_line_per_model(workspace):
     by_epoch, by_time = fig.axes
     labels = [line.get_label() for line in by_epoch.lines]
     assert labels[:4] == neural and len(by_time.lines) == 5  # + the best n-gram, dashed
-    assert list(by_epoch.lines[0].get_xdata()) == [1, 2]
+    assert list(by_epoch.lines[0].get_xdata()) == list(curves["window"]["tokens"])
 
 
 def test_mlflow_server_serves_every_run_and_curve(workspace):
@@ -161,8 +167,8 @@ def test_mlflow_server_serves_every_run_and_curve(workspace):
         for model in ("window", "rnn", "lstm", "lstm2"):
             run_id = by_name[f"custom/{model}"]["info"]["run_id"]
             history = ui_check.rest(
-                url, f"metrics/get-history?run_id={run_id}&metric_key=epoch_valid_ppl")
-            assert [m["step"] for m in history["metrics"]] == [1, 2]
+                url, f"metrics/get-history?run_id={run_id}&metric_key=curve_valid_ppl")
+            assert len(history["metrics"]) == 8  # 4 validation points an epoch, 2 epochs
         summary = ui_check.rest(url, "experiments/get-by-name?experiment_name=summary")
         runs = ui_check.rest(url, "runs/search", {
             "experiment_ids": [summary["experiment"]["experiment_id"]]})["runs"]
@@ -184,12 +190,13 @@ def test_browser_shows_the_runs_and_the_report(workspace):
         assert ui_check.screenshot(page, shots / "mlflow.png").stat().st_size > 10_000
 
 
-def test_one_param_switches_to_the_paper_preset(workspace):
+def test_one_param_switches_to_the_small_preset(workspace):
     repo, env, _ = workspace
-    log = run([str(BIN / "dvc"), "exp", "run", "-S", "train.preset=paper"], repo, env)
+    log = run([str(BIN / "dvc"), "exp", "run", "-S", "train.preset=small"], repo, env)
     # every neural model retrains under the other preset; nothing upstream reruns
     assert {s for s in ran_stages(log) if s.startswith("train@")} == each_corpus(
         *(f"train@{{}}-{m}" for m in NEURAL))
     assert not {s for s in ran_stages(log) if s.startswith(("download@", "prepare@", "ngram@"))}
     lstm2 = json.loads((repo / "reports" / "metrics" / "custom" / "lstm2.json").read_text())
-    assert lstm2["preset"] == "paper" and lstm2["epochs"] == 3
+    assert lstm2["preset"] == "small" and lstm2["epochs"] == 3
+    assert lstm2["config"]["loss"] == "time_sum" and lstm2["config"]["bptt"] == 20

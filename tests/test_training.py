@@ -13,12 +13,14 @@ import torch
 
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.training import (
+    Plan,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
     load_checkpoint,
     load_model,
     next_lr,
+    scheduled_lr,
     train_model,
 )
 
@@ -37,15 +39,26 @@ def net(kind, **changes):
 
 
 def train_cfg(**changes):
-    base = dict(batch_size=4, bptt=10, epochs=6, optimizer="adam", lr=0.01, schedule="decay",
-                lr_decay=1.2, decay_after=3, clip=5.0, time_budget_s=0, seed=0)
+    base = dict(batch_size=4, bptt=10, epochs=6, max_tokens=0, evals_per_epoch=1,
+                optimizer="adam", lr=0.01, loss="token_mean", schedule="decay", lr_decay=1.2,
+                decay_after=3, warmup=0.0, lr_min=0.0, clip=5.0, seed=0)
     return TrainConfig(**{**base, **changes})
+
+
+def train(network, cfg, folder, train_ids=TRAIN, **options):
+    return train_model(network=network, training=cfg, train_ids=train_ids, valid_ids=VALID,
+                       eos_id=0, checkpoint_dir=folder, **options)
+
+
+def without_timings(history):
+    return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
+            for h in history]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_architecture_learns_the_stream(kind, tmp_path):
     torch.set_num_threads(1)
-    result = train_model(net(kind), train_cfg(), TRAIN, VALID, 0, tmp_path)
+    result = train(net(kind), train_cfg(), tmp_path)
     history = result["history"]
     assert len(history) == 6
     # uniform guessing is ppl 8; the cycle with 1-in-7 noise allows about 1.7
@@ -59,31 +72,23 @@ def test_each_architecture_learns_the_stream(kind, tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     torch.set_num_threads(1)
     cfg, network = train_cfg(optimizer="sgd", lr=1.0, epochs=4), net("lstm2")
-    straight = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "a")
+    straight = train(network, cfg, tmp_path / "a")
 
     def interrupt_after_two(record):
         if record["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b", on_epoch=interrupt_after_two)
-    resumed = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b")
-    strip = [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
-             for h in straight["history"]]
-    assert [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
-            for h in resumed["history"]] == strip
+        train(network, cfg, tmp_path / "b", on_eval=interrupt_after_two)
+    resumed = train(network, cfg, tmp_path / "b")
+    assert without_timings(resumed["history"]) == without_timings(straight["history"])
     assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
-
-
-def without_timings(history):
-    return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
-            for h in history]
 
 
 def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path):
     torch.set_num_threads(1)
     cfg, network = train_cfg(optimizer="sgd", lr=1.0, epochs=3, bptt=5), net("lstm")
-    straight = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "a")
+    straight = train(network, cfg, tmp_path / "a")
     last = tmp_path / "b" / "last.pt"
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, say
 
@@ -97,14 +102,12 @@ def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path)
     threading.Thread(target=press_ctrl_c_once_training_is_under_way, daemon=True).start()
     with pytest.raises(TrainingInterrupted, match="SIGINT"):
         # a resume point after every step, as a long epoch gets one every minute
-        train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b", checkpoint_every_s=1e-9)
-    ckpt = load_checkpoint(last)
-    assert ckpt["epoch"] < 3
-    if ckpt["position"] is not None:  # almost always: 75 steps an epoch
-        assert 0 < ckpt["position"]["step"] < 75 and ckpt["position"]["count"] > 0
-    # training time so far: finished epochs in `elapsed`, the partial one in the position
-    assert ckpt["elapsed"] == (ckpt["history"][-1]["elapsed_s"] if ckpt["history"] else 0)
-    resumed = train_model(network, cfg, TRAIN, VALID, 0, tmp_path / "b")
+        train(network, cfg, tmp_path / "b", checkpoint_every_s=1e-9)
+    progress = load_checkpoint(last)["progress"]
+    assert 0 < progress["step"] < 3 * 75  # 75 steps an epoch
+    if progress["step"] % 75:  # almost always: mid-epoch, with the state carried so far
+        assert progress["segment_tokens"] > 0 and progress["state"] is not None
+    resumed = train(network, cfg, tmp_path / "b")
     assert without_timings(resumed["history"]) == without_timings(straight["history"])
     assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
     assert signal.getsignal(signal.SIGINT) is handler_before  # restored
@@ -112,22 +115,24 @@ def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path)
 
 def test_divergence_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        train_model(net("rnn", init_range=1.0), train_cfg(optimizer="sgd", lr=1e30, clip=0),
-                    TRAIN, VALID, 0, tmp_path)
+        train(net("rnn", init_range=1.0), train_cfg(optimizer="sgd", lr=1e30, clip=0), tmp_path)
 
 
 def test_resume_point_is_ignored_when_data_or_config_changed(tmp_path, capsys):
     torch.set_num_threads(1)
     cfg = train_cfg(epochs=1)
-    train_model(net("rnn"), cfg, TRAIN, VALID, 0, tmp_path)
+    train(net("rnn"), cfg, tmp_path)
     capsys.readouterr()
     # same everything: the finished run is picked up, not retrained
-    train_model(net("rnn"), cfg, TRAIN, VALID, 0, tmp_path)
+    train(net("rnn"), cfg, tmp_path)
     assert "resuming from" in capsys.readouterr().out
     # other training data: a fresh start, never a silent continuation
-    train_model(net("rnn"), cfg, TRAIN[::-1].copy(), VALID, 0, tmp_path)
+    train(net("rnn"), cfg, tmp_path, train_ids=TRAIN[::-1].copy())
     assert "training from scratch" in capsys.readouterr().out
-    train_model(net("rnn"), train_cfg(epochs=1, lr=0.02), TRAIN, VALID, 0, tmp_path)
+    train(net("rnn"), train_cfg(epochs=1, lr=0.02), tmp_path)
+    assert "training from scratch" in capsys.readouterr().out
+    # another vocabulary with the same ids (its digest travels in `extra`)
+    train(net("rnn"), train_cfg(epochs=1, lr=0.02), tmp_path, extra={"vocab_digest": "b"})
     assert "training from scratch" in capsys.readouterr().out
 
 
@@ -142,3 +147,45 @@ def test_learning_rate_schedules():
     plateau = train_cfg(schedule="plateau", lr=20.0, lr_decay=4.0)
     assert next_lr(plateau, 3, 20.0, improved=True) == 20.0
     assert next_lr(plateau, 3, 20.0, improved=False) == 5.0
+
+
+def test_cosine_schedule_anneals_inside_the_planned_steps():
+    cfg = train_cfg(schedule="cosine", lr=20.0, lr_min=0.05, warmup=0.1)
+    plan = Plan.make(columns=1000, cfg=cfg)  # 100 steps an epoch, 6 epochs
+    rates = [scheduled_lr(cfg, plan, s, epoch_lr=cfg.lr) for s in range(plan.total_steps)]
+    assert rates[0] == pytest.approx(20.0 / 60) and rates[59] == pytest.approx(20.0)  # warm-up
+    assert rates[-1] == pytest.approx(20.0 * 0.05)  # the floor, reached at the last step
+    assert all(a >= b for a, b in zip(rates[60:], rates[61:], strict=False))  # then down only
+
+
+def test_plan_counts_tokens_and_places_validation_points():
+    cfg = train_cfg(batch_size=4, bptt=10, epochs=3, evals_per_epoch=4)
+    plan = Plan.make(columns=95, cfg=cfg)  # 10 steps an epoch, the last one 5 columns
+    assert plan.steps_per_epoch == 10 and plan.total_steps == 30
+    assert plan.eval_steps == (2, 5, 8, 10, 12, 15, 18, 20, 22, 25, 28, 30)
+    # a token budget ends mid-epoch: 1.5 epochs of 4 x 95 tokens = 570 -> 15 steps
+    budget = Plan.make(columns=95, cfg=train_cfg(batch_size=4, bptt=10, epochs=3,
+                                                 max_tokens=570, evals_per_epoch=1))
+    assert budget.total_steps == 15 and budget.eval_steps == (10, 15)
+
+
+def test_token_budget_stops_mid_epoch_with_a_curve(tmp_path):
+    torch.set_num_threads(1)
+    # an epoch: 4 columns of 374 tokens, 38 steps (the last of 4 x 4 tokens)
+    cfg = train_cfg(epochs=5, max_tokens=2300, evals_per_epoch=4)
+    result = train(net("lstm"), cfg, tmp_path)
+    assert result["tokens"] == 4 * 374 + 21 * 4 * 10  # rounded up to a whole step
+    assert result["epochs"] == pytest.approx(59 / 38, abs=1e-4)
+    assert [r["step"] for r in result["history"]] == [10, 19, 28, 38, 48, 57, 59]
+    assert [r["tokens"] for r in result["history"]][3] == 4 * 374
+
+
+def test_two_runs_give_the_same_numbers(tmp_path):
+    """Bounded by steps, not seconds: a rerun is the same run (timings aside)."""
+    torch.set_num_threads(1)
+    cfg = train_cfg(schedule="cosine", evals_per_epoch=2, epochs=2)
+    first = train(net("lstm2"), cfg, tmp_path / "a")
+    second = train(net("lstm2"), cfg, tmp_path / "b")
+    assert without_timings(first["history"]) == without_timings(second["history"])
+    a, b = (load_checkpoint(tmp_path / d / "best.pt")["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

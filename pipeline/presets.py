@@ -1,0 +1,133 @@
+"""The `train` section of params.yaml: presets, and one model's resolved settings.
+
+A preset has three layers, applied in this order (a later one wins):
+
+    train.presets.<preset>.defaults            every setting, for every model
+    train.presets.<preset>.models.<model>      what differs for one model
+    train.presets.<preset>.corpora.<corpus>    what differs on one corpus (all models)
+
+Each setting is a field of NetworkConfig or TrainConfig; the resolved mapping is
+split between the two by field name, so a new field is declared once, in its
+dataclass. See every resolved value and the layer it came from with
+
+    python -m pipeline.params show ptb lstm2 [--preset small]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.corpora import CORPUS_NAMES
+from pipeline.networks import KINDS, NetworkConfig
+from pipeline.params import ParamsError, build, require
+from pipeline.training import TrainConfig
+
+# NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
+NETWORK_KEYS = tuple(f.name for f in dataclasses.fields(NetworkConfig)
+                     if f.name not in ("kind", "vocab_size"))
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+LAYERS = ("defaults", "models", "corpora")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model's settings in a preset, on one corpus."""
+
+    network: NetworkConfig  # vocab_size is 1 until the corpus's vocabulary is known
+    training: TrainConfig
+
+    def for_vocabulary(self, vocab_size: int) -> NetworkConfig:
+        return dataclasses.replace(self.network, vocab_size=vocab_size)
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as params.yaml spells them (for MLflow and metrics files)."""
+        net = dataclasses.asdict(self.network)
+        return {**{k: net[k] for k in NETWORK_KEYS}, **dataclasses.asdict(self.training)}
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    preset: str
+    models: tuple[str, ...]  # the neural models every corpus gets (dvc.yaml expands them)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    bf16: bool  # bfloat16 autocast for training on CUDA
+    eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
+    checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = eval points only
+    presets: dict
+
+    def validate(self, key: str) -> None:
+        for model in self.models:
+            require(model in KINDS, f"{key}.models",
+                    f"unknown model {model!r}; known: {', '.join(KINDS)}")
+        require(self.preset in self.presets, f"{key}.preset",
+                f"unknown preset {self.preset!r}; defined: {', '.join(self.presets)}")
+        require(self.eval_chunk > 0, f"{key}.eval_chunk",
+                f"must be positive, got {self.eval_chunk}")
+        require(self.checkpoint_every_s >= 0, f"{key}.checkpoint_every_s",
+                f"must be >= 0, got {self.checkpoint_every_s}")
+        for name in self.presets:
+            self._check_layers(name)
+        for model in self.models:  # every combination of the chosen preset must resolve
+            for corpus in ("", *(self.presets[self.preset].get("corpora") or {})):
+                self.spec(corpus, model)
+
+    def _check_layers(self, preset: str) -> None:
+        key = f"train.presets.{preset}"
+        layers = self.presets[preset]
+        require(isinstance(layers, dict), key, "expected a mapping of defaults/models/corpora")
+        for name in layers:
+            require(name in LAYERS, f"{key}.{name}",
+                    f"unknown layer; a preset has {', '.join(LAYERS)}")
+        for model in layers.get("models") or {}:
+            require(model in KINDS, f"{key}.models.{model}",
+                    f"unknown model; known: {', '.join(KINDS)}")
+        for corpus in layers.get("corpora") or {}:
+            require(corpus in CORPUS_NAMES, f"{key}.corpora.{corpus}",
+                    f"unknown corpus; known: {', '.join(CORPUS_NAMES)}")
+
+    def resolve(self, corpus: str, model: str,
+                preset: str | None = None) -> dict[str, tuple[Any, str]]:
+        """setting -> (value, the params key it came from), layers applied in order."""
+        preset = preset or self.preset
+        layers = self.presets[preset]
+        key = f"train.presets.{preset}"
+        sources = [(f"{key}.defaults", layers.get("defaults")),
+                   (f"{key}.models.{model}", (layers.get("models") or {}).get(model)),
+                   (f"{key}.corpora.{corpus}", (layers.get("corpora") or {}).get(corpus))]
+        resolved: dict[str, tuple[Any, str]] = {}
+        for where, changes in sources:
+            if changes is None:
+                continue
+            if not isinstance(changes, dict):
+                raise ParamsError(f"{where}: expected a mapping, got {changes!r}")
+            for name, value in changes.items():
+                if name not in NETWORK_KEYS + TRAINING_KEYS:
+                    raise ParamsError(f"unknown key {where}.{name} (settings: "
+                                      f"{', '.join(NETWORK_KEYS + TRAINING_KEYS)})")
+                resolved[name] = (value, where)
+        return resolved
+
+    def spec(self, corpus: str, model: str, preset: str | None = None) -> ModelSpec:
+        """The typed, checked settings of `model` on `corpus` (the chosen preset by default)."""
+        resolved = self.resolve(corpus, model, preset)
+        missing = [k for k in NETWORK_KEYS + TRAINING_KEYS if k not in resolved]
+        where = f"train.presets.{preset or self.preset}"
+        if missing:
+            raise ParamsError(f"missing key {where}.defaults.{missing[0]} (no layer sets it "
+                              f"for {model} on {corpus or 'any corpus'})")
+        values = {k: v for k, (v, _) in resolved.items()}
+        try:
+            network = build(NetworkConfig, {"kind": model, "vocab_size": 1,
+                                            **{k: values[k] for k in NETWORK_KEYS}}, where)
+            training = build(TrainConfig, {k: values[k] for k in TRAINING_KEYS}, where)
+        except ParamsError as exc:  # name the layer that set the bad value
+            name = str(exc).removeprefix(f"{where}.").split(":")[0].split("[")[0]
+            if name not in resolved:
+                raise
+            raise ParamsError(str(exc).replace(f"{where}.", f"{resolved[name][1]}.", 1)) \
+                from None
+        for name, problem in network.check() + training.check():
+            raise ParamsError(f"{resolved[name][1]}.{name}: {problem}")
+        return ModelSpec(network, training)
