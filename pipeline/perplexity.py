@@ -90,6 +90,8 @@ def stream_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> tupl
             x = inputs[start : start + chunk].to(device)[None]  # (1, T)
             y = targets[start : start + chunk].to(device)[None]  # (1, T)
             logits, _, state = model(x, state=state)  # (1, T, V)
-            nll += F.cross_entropy(logits[0].double(), y[0], reduction="sum").item()
+            # log-softmax in float32 (in float64 it took as long as the forward pass),
+            # the per-token losses summed in float64
+            nll += F.cross_entropy(logits[0].float(), y[0], reduction="none").double().sum().item()
     model.train(was_training)
     return nll, len(targets)
