@@ -37,7 +37,8 @@ def test_layers_apply_in_order_and_name_their_source():
     assert resolved["lr"] == (0.002, "train.presets.quick.models.window")
     assert resolved["epochs"] == (9, "train.presets.quick.corpora.ptb")  # corpus wins
     assert resolved["bptt"] == (35, "train.presets.quick.defaults")
-    assert params.spec("brown", "window").training.epochs == 3  # other corpora untouched
+    window = RAW["presets"]["quick"]["models"]["window"]
+    assert params.spec("brown", "window").training.epochs == window["epochs"]  # untouched
 
 
 def test_show_prints_every_resolved_setting_with_its_source():
