@@ -6,6 +6,10 @@ A preset has three layers, applied in this order (a later one wins):
     train.presets.<preset>.models.<model>      what differs for one model
     train.presets.<preset>.corpora.<corpus>    what differs on one corpus (all models)
 
+Every model and every corpus has its entry in both layers ({} for no change):
+dvc.yaml makes train@<corpus>-<model> depend on exactly `defaults`, its model's
+entry and its corpus's entry, so a change reruns only the stages it concerns.
+
 Each setting is a field of NetworkConfig or TrainConfig; the resolved mapping is
 split between the two by field name, so a new field is declared once, in its
 dataclass. See every resolved value and the layer it came from with
@@ -74,18 +78,26 @@ class TrainParams:
                 self.spec(corpus, model)
 
     def _check_layers(self, preset: str) -> None:
+        """All three layers, with an entry for every model and corpus ({} = no change):
+        dvc.yaml tracks each train stage's own entries, so each must exist."""
         key = f"train.presets.{preset}"
         layers = self.presets[preset]
         require(isinstance(layers, dict), key, "expected a mapping of defaults/models/corpora")
         for name in layers:
             require(name in LAYERS, f"{key}.{name}",
                     f"unknown layer; a preset has {', '.join(LAYERS)}")
-        for model in layers.get("models") or {}:
-            require(model in KINDS, f"{key}.models.{model}",
-                    f"unknown model; known: {', '.join(KINDS)}")
-        for corpus in layers.get("corpora") or {}:
-            require(corpus in CORPUS_NAMES, f"{key}.corpora.{corpus}",
-                    f"unknown corpus; known: {', '.join(CORPUS_NAMES)}")
+        for layer, known in (("models", KINDS), ("corpora", CORPUS_NAMES)):
+            entries = layers.get(layer)
+            require(isinstance(entries, dict), f"{key}.{layer}",
+                    f"expected a mapping with an entry for each of {', '.join(known)}")
+            for name in entries:
+                require(name in known, f"{key}.{layer}.{name}",
+                        f"unknown {layer[:-1] if layer == 'models' else 'corpus'}; known: "
+                        f"{', '.join(known)}")
+            for name in known:
+                require(name in entries, f"{key}.{layer}",
+                        f"no entry for {name!r}: write `{name}: {{}}` for no change (DVC "
+                        "tracks each entry as a param of that model's or corpus's stages)")
 
     def resolve(self, corpus: str, model: str,
                 preset: str | None = None) -> dict[str, tuple[Any, str]]:

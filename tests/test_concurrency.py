@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tests.regression import BIN
 
-EXPERIMENTS = {"faster-window": "train.presets.quick.window.lr=0.004",
-               "faster-rnn": "train.presets.quick.rnn.lr=0.004"}
+EXPERIMENTS = {"faster-window": "train.presets.quick.models.window.lr=0.004",
+               "faster-rnn": "train.presets.quick.models.rnn.lr=0.004"}
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:

@@ -1,7 +1,7 @@
 """The real pipeline: `dvc repro` of the regression configuration (the synthetic corpus
 and a PTB slice as `custom`; see tests/regression.yaml) in a temporary copy of the
 repository, tracked in a temporary MLflow store. The tests below share that workspace
-and run in file order: later ones change it (a new n-gram order, the paper preset)."""
+and run in file order: later ones change it (a new n-gram order, the small preset)."""
 
 from __future__ import annotations
 

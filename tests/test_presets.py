@@ -64,6 +64,8 @@ def test_show_prints_every_resolved_setting_with_its_source():
      r"train\.presets\.quick\.defaults\.lr_min: must be in \[0, 1\], got 2"),
     (lambda t: t["presets"]["quick"]["corpora"].update(ptb3={}),
      r"train\.presets\.quick\.corpora\.ptb3: unknown corpus"),
+    (lambda t: t["presets"]["quick"]["models"].pop("lstm"),
+     r"train\.presets\.quick\.models: no entry for 'lstm': write `lstm: \{\}`"),
     (lambda t: t["presets"]["quick"].update(overrides={}),
      r"train\.presets\.quick\.overrides: unknown layer"),
     (lambda t: t["presets"]["quick"]["defaults"].pop("seed"),
