@@ -1,20 +1,28 @@
-"""Training and evaluation throughput of every architecture on this machine.
+"""Training and evaluation throughput of every architecture, against the machine's peak.
 
-    python benchmarks/throughput.py [--preset quick] [--vocab 10000] [--steps 20]
+    python benchmarks/throughput.py [--presets quick small medium] [--steps 20]
 
-Each model of the preset (params.yaml) trains for a fixed number of steps on
+For each preset and model: training tokens/s through the train stage's own step
+(`pipeline.training.train_step`, with the preset's optimizer, loss and clip) on
 random token ids over a PTB-sized vocabulary (throughput does not depend on the
-text), after a few warm-up steps; evaluation runs the exact stream scorer over
-a fixed number of tokens. Prints a Markdown table and writes it to
-benchmarks/results/throughput-<device>-<preset>.md.
+text), after 3 warm-up steps; exact-evaluation tokens/s through the one scorer
+(`score_stream`); peak memory (resident set size of a fresh process per model on
+CPU, `torch.cuda.max_memory_allocated` on GPU); and the achieved fraction of the
+matrix-product peak measured in the same run (a large fp32 and bf16 matmul).
+Useful FLOPs per training token are counted as 6 x the parameters that take part
+in matrix products (2 forward, 4 backward; embedding lookups excluded).
+Writes a Markdown table to benchmarks/results/throughput-<device>.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import platform
+import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +42,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model_name: str, params: TrainParams, vocab: int, steps: int, eval_tokens: int,
+def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of repeated (size x size) @ (size x size) products."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    sync(device)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        done += 1
+        if device.startswith("cuda") and done % 10:
+            continue
+        sync(device)
+    sync(device)
+    return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
+
+
+def matmul_parameters(model: LanguageModel) -> int:
+    """Parameters used in matrix products: all but the input embedding (unless it is
+    also the tied output projection)."""
+    net = model.net
+    tied = net.out.weight is net.embed.weight
+    return model.num_parameters() - (0 if tied else net.embed.weight.numel())
+
+
+def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: int,
             device: str) -> dict:
+    """One model's figures (run in a fresh process on CPU, for its own peak RSS)."""
+    params = load_section("train", TrainParams)
+    params = dataclasses.replace(params, preset=preset)
     spec = params.spec("ptb", model_name)
     cfg = spec.training
     torch.manual_seed(0)
@@ -43,6 +79,8 @@ def measure(model_name: str, params: TrainParams, vocab: int, steps: int, eval_t
     opt = make_optimizer(model, cfg)
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1), device=device)
     autocast = params.bf16 and device.startswith("cuda")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     state = None
     for step in range(3 + steps):  # the train stage's own step, after 3 warm-up steps
         if step == 3:
@@ -57,35 +95,46 @@ def measure(model_name: str, params: TrainParams, vocab: int, steps: int, eval_t
     score_stream(model, ids, params.eval_chunk, 0, device)
     sync(device)
     eval_tps = eval_tokens / (time.perf_counter() - started)
-    return {"model": model_name, "parameters": model.num_parameters(),
+    memory = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"preset": preset, "model": model_name, "parameters": model.num_parameters(),
             "batch": f"{cfg.batch_size}x{cfg.bptt}", "train_tok_s": train_tps,
-            "eval_tok_s": eval_tps}
+            "eval_tok_s": eval_tps, "gflop_s": 6 * matmul_parameters(model) * train_tps / 1e9,
+            "peak_mib": memory / 2**20}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, help="default: train.preset in params.yaml")
+    parser.add_argument("--presets", nargs="+", default=["quick", "small"])
     parser.add_argument("--vocab", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-tokens", type=int, default=20_000)
     args = parser.parse_args()
     params = load_section("train", TrainParams)
-    if args.preset:
-        params = dataclasses.replace(params, preset=args.preset)
-        params.validate("train")
     device = pick_device(params.device)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    rows = [measure(m, params, args.vocab, args.steps, args.eval_tokens, device)
-            for m in params.models]
-    lines = [f"Throughput, preset `{params.preset}`, vocabulary {args.vocab:,}, device "
-             f"{device} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}",
-             "", "| model | parameters | batch x bptt | train tokens/s | eval tokens/s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['parameters']:,} | {r['batch']} | {r['train_tok_s']:,.0f} "
-              f"| {r['eval_tok_s']:,.0f} |" for r in rows]
+    peak = {d: matmul_peak(device, t) for d, t in (("fp32", torch.float32),
+                                                   ("bf16", torch.bfloat16))}
+    jobs = [(p, m, args.vocab, args.steps, args.eval_tokens, device)
+            for p in args.presets for m in params.models]
+    if device == "cpu":  # a fresh process per model: its own peak resident memory
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            rows = list(pool.map(measure, *zip(*jobs, strict=True)))
+    else:
+        rows = [measure(*job) for job in jobs]
+    lines = [f"Throughput on {device} ({name}, {torch.get_num_threads()} threads), torch "
+             f"{torch.__version__}, vocabulary {args.vocab:,}; matrix-product peak "
+             f"{peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} GFLOP/s bf16", "",
+             "| preset | model | parameters | batch x bptt | train tokens/s | eval tokens/s "
+             "| train GFLOP/s | of fp32 peak | peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['model']} | {r['parameters']:,} | {r['batch']} "
+              f"| {r['train_tok_s']:,.0f} | {r['eval_tok_s']:,.0f} | {r['gflop_s']:,.1f} "
+              f"| {r['gflop_s'] / peak['fp32']:.0%} | {r['peak_mib']:,.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_text(Path(__file__).parent / "results" / f"throughput-{device}-{params.preset}.md", text)
+    write_text(Path(__file__).parent / "results" / f"throughput-{device}.md", text)
 
 
 if __name__ == "__main__":

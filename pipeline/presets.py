@@ -86,6 +86,8 @@ class TrainParams:
         for name in layers:
             require(name in LAYERS, f"{key}.{name}",
                     f"unknown layer; a preset has {', '.join(LAYERS)}")
+        require(isinstance(layers.get("defaults"), dict), f"{key}.defaults",
+                "expected a mapping of every setting")
         for layer, known in (("models", KINDS), ("corpora", CORPUS_NAMES)):
             entries = layers.get(layer)
             require(isinstance(entries, dict), f"{key}.{layer}",
@@ -103,6 +105,8 @@ class TrainParams:
                 preset: str | None = None) -> dict[str, tuple[Any, str]]:
         """setting -> (value, the params key it came from), layers applied in order."""
         preset = preset or self.preset
+        if preset not in self.presets:
+            raise ParamsError(f"unknown preset {preset!r}; defined: {', '.join(self.presets)}")
         layers = self.presets[preset]
         key = f"train.presets.{preset}"
         sources = [(f"{key}.defaults", layers.get("defaults")),

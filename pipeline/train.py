@@ -65,19 +65,19 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         raise RuntimeError(f"{data_dir}: <eos> must be token id 0 (rerun prepare)")
     spec = params.spec(corpus, model)
     device = pick_device(params.device)
-    curve_so_far: list[dict] = []
+    logged = 0  # curve points already logged to this MLflow run
 
-    def log_point(record: dict) -> None:
+    def on_eval(history: list[dict]) -> None:
         # "curve_" names keep the curve apart from the final (best-checkpoint) scores;
-        # the step is the number of training tokens seen, the fair axis across models
-        if run is not None:
-            run.log_metrics({f"curve_{k}": v for k, v in record.items() if k != "tokens"},
-                            step=record["tokens"])
-
-    def on_eval(record: dict) -> None:
-        log_point(record)
-        curve_so_far.append(record)
-        write_json(curve, curve_so_far)  # DVC plots: the learning curve so far
+        # the step is the number of training tokens seen, the fair axis across models.
+        # A resumed run logs the points from before the resume too (a new MLflow run).
+        nonlocal logged
+        for record in history[logged:]:
+            if run is not None:
+                run.log_metrics({f"curve_{k}": v for k, v in record.items() if k != "tokens"},
+                                step=record["tokens"])
+        logged = len(history)
+        write_json(curve, history)  # DVC plots: the learning curve so far
 
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus}
     print(f"{corpus} {model}: training on {device} ({params.preset} preset)", flush=True)
@@ -100,9 +100,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
             f"a corpora.{corpus} entry changes only this corpus). {str(exc).splitlines()[0]}"
         ) from None
     history = result["history"]
-    for record in history[: len(history) - len(curve_so_far)]:  # before a resume
-        log_point(record)
-    write_json(curve, history)
+    on_eval(history)  # a run found finished: its curve, logged and written
     with atomic_path(out) as tmp:
         shutil.copyfile(checkpoints / "best.pt", tmp)
     metrics: dict = {

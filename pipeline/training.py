@@ -100,9 +100,10 @@ class TrainConfig:
             problems.append(("lr", f"must be positive, got {self.lr}"))
         if self.lr_decay < 1:
             problems.append(("lr_decay", f"must be >= 1, got {self.lr_decay}"))
-        for key in ("warmup", "lr_min"):
-            if not 0 <= getattr(self, key) <= 1:
-                problems.append((key, f"must be in [0, 1], got {getattr(self, key)}"))
+        if not 0 <= self.warmup < 1:
+            problems.append(("warmup", f"must be in [0, 1), got {self.warmup}"))
+        if not 0 <= self.lr_min <= 1:
+            problems.append(("lr_min", f"must be in [0, 1], got {self.lr_min}"))
         return problems
 
 
@@ -136,7 +137,8 @@ class Plan:
             if full < cfg.epochs:  # every step but an epoch's last reads B x T tokens
                 total = full * spe + math.ceil(rest / (cfg.batch_size * cfg.bptt))
         total = max(total, 1)
-        points = {e * spe + round(k * spe / cfg.evals_per_epoch)
+        span = min(spe, total)  # a run shorter than an epoch spreads its points over itself
+        points = {e * spe + round(k * span / cfg.evals_per_epoch)
                   for e in range(math.ceil(total / spe))
                   for k in range(1, cfg.evals_per_epoch + 1)}
         evals = tuple(sorted({s for s in points if 0 < s <= total} | {total}))
@@ -156,10 +158,11 @@ def scheduled_lr(cfg: TrainConfig, plan: Plan, step: int, epoch_lr: float) -> fl
     epoch ends (next_lr); cosine: a function of the step alone."""
     if cfg.schedule != "cosine":
         return epoch_lr
-    warm = round(cfg.warmup * plan.total_steps)
+    warm = min(round(cfg.warmup * plan.total_steps), plan.total_steps - 1)
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, plan.total_steps - warm - 1)  # 0 .. 1
+    after = plan.total_steps - warm  # steps of the cosine, the first at lr, the last at the floor
+    progress = (step - warm) / (after - 1) if after > 1 else 1.0  # 0 .. 1
     return cfg.lr * (cfg.lr_min + (1 - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -212,9 +215,12 @@ class Progress:
 
 
 def _rng_state() -> dict:
+    """Every generator dropout may draw from (CPU, CUDA, MPS)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -222,6 +228,8 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _to_device(state, device: str):
@@ -431,12 +439,12 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
 
 def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
-                on_eval: Callable[[dict], None] | None = None, bf16: bool = False,
+                on_eval: Callable[[list[dict]], None] | None = None, bf16: bool = False,
                 extra: dict | None = None, eval_chunk: int = 512,
                 checkpoint_every_s: float = 0) -> dict:
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
-    configuration, data, `extra` and code; return a summary. `on_eval` gets each
-    learning-curve point; `eval_chunk` (the scorer's pass length) and
+    configuration, data, `extra` and code; return a summary. `on_eval` gets the
+    learning curve after each new point; `eval_chunk` (the scorer's pass length) and
     `checkpoint_every_s` (0 = validation points only) do not change the result.
     Raises TrainingInterrupted on SIGINT/SIGTERM, after writing a resume point."""
     cfg, extra = training, extra or {}
@@ -466,8 +474,8 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
                               network=network)
             resume.save(model, opt, progress, device)
             if on_eval is not None:
-                on_eval(record)
-            if stop.requested:
+                on_eval(progress.history)  # the curve so far, `record` last
+            if stop.requested and progress.step < plan.total_steps:
                 raise TrainingInterrupted(stop.requested, f"stopped at step {progress.step}; "
                                           f"the resume point is {resume.path}")
     return {"history": progress.history, "best_valid_ppl": progress.best_valid,

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from pipeline import download, ngram, tracking, train
-from pipeline.corpora import CorpusError
+from pipeline.corpora import CORPUS_NAMES, CorpusError
 from pipeline.dataset import PreparedCorpus, id_dtype
 from pipeline.prepare import prepare_corpus
 from pipeline.presets import TrainParams
@@ -64,7 +64,7 @@ def small_train_params(**window_changes) -> TrainParams:
     params["presets"]["quick"]["models"]["window"].update(
         {"embedding_size": 8, "hidden_size": 8, "epochs": 1, "batch_size": 20,
          **window_changes})
-    params["presets"]["quick"]["corpora"] = {}
+    params["presets"]["quick"]["corpora"] = {c: {} for c in CORPUS_NAMES}  # no changes
     params["device"] = "cpu"
     from pipeline.params import build
 

@@ -62,6 +62,8 @@ def test_show_prints_every_resolved_setting_with_its_source():
      r"train\.presets\.quick\.defaults\.schedule: 'linear' is not one of"),
     (lambda t: t["presets"]["quick"]["defaults"].update(lr_min=2),
      r"train\.presets\.quick\.defaults\.lr_min: must be in \[0, 1\], got 2"),
+    (lambda t: t["presets"]["quick"]["defaults"].update(warmup=1.0),
+     r"train\.presets\.quick\.defaults\.warmup: must be in \[0, 1\), got 1\.0"),
     (lambda t: t["presets"]["quick"]["corpora"].update(ptb3={}),
      r"train\.presets\.quick\.corpora\.ptb3: unknown corpus"),
     (lambda t: t["presets"]["quick"]["models"].pop("lstm"),
@@ -105,35 +107,36 @@ def test_zaremba_presets_are_the_published_configurations(preset, size, dropout,
         (20, bptt, epochs, "sgd", 1.0, "time_sum", "decay", lr_decay, after, clip, 0)
 
 
-def published_step(model, x, y, lr, clip):
+def published_step(model, x, y, lr, clip) -> float:
     """Zaremba et al.'s step, written independently: the loss summed over the unrolled
-    steps and averaged over the batch, plain SGD, the global gradient norm clipped."""
+    steps and averaged over the batch, plain SGD, the global gradient norm clipped.
+    Returns the gradient norm before clipping."""
     logits, _, _ = model(x)  # (B, T, V)
     per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
     loss = per_token.view(y.shape).sum(dim=1).mean()  # sum over T, mean over B
     model.zero_grad()
     loss.backward()
-    grads = [p.grad for p in model.parameters()]
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))
-    scale = min(1.0, clip / (norm.item() + 1e-6))
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item()
+    scale = min(1.0, clip / (norm + 1e-6))
     with torch.no_grad():
         for p in model.parameters():
             p -= lr * scale * p.grad
+    return norm
 
 
-@pytest.mark.parametrize("lr", [1.0, 30.0])  # 30: a step whose gradient is clipped
-def test_one_step_of_the_small_preset_is_the_published_step(lr):
+@pytest.mark.parametrize("clip", [5.0, 0.2])  # 0.2: the gradient gets clipped
+def test_one_step_of_the_small_preset_is_the_published_step(clip):
     torch.manual_seed(0)
     spec = train_params().spec("ptb", "lstm2", "small")
-    tr = dataclasses.replace(spec.training, lr=lr)
+    tr = dataclasses.replace(spec.training, clip=clip)
     net = dataclasses.replace(spec.network, vocab_size=50, embedding_size=16, hidden_size=16)
     ours = LanguageModel(net)
-    theirs = copy.deepcopy(ours)
-    token_mean = copy.deepcopy(ours)
+    before, theirs, token_mean = (copy.deepcopy(ours) for _ in range(3))
     x, y = torch.randint(0, 50, (2, tr.batch_size, tr.bptt))
     train_step(ours, torch.optim.SGD(ours.parameters(), lr=tr.lr), x, y, None, cfg=tr,
                autocast=False)
-    published_step(theirs, x, y, lr=tr.lr, clip=tr.clip)
+    norm = published_step(theirs, x, y, lr=tr.lr, clip=tr.clip)
+    assert (norm > clip) == (clip == 0.2)  # both branches of the clip are exercised
     # the same step with the per-token mean loss: lr x T, clip / T
     as_mean = dataclasses.replace(tr, loss="token_mean", lr=tr.lr * tr.bptt,
                                   clip=tr.clip / tr.bptt)
@@ -141,9 +144,12 @@ def test_one_step_of_the_small_preset_is_the_published_step(lr):
                None, cfg=as_mean, autocast=False)
     for a, b, c in zip(ours.parameters(), theirs.parameters(), token_mean.parameters(),
                        strict=True):
-        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
-    moved = max((a - b).abs().max().item() for a, b in
-                zip(ours.parameters(), LanguageModel(net).parameters(), strict=True))
+        assert torch.allclose(a, b, atol=1e-6)
+        # clip_grad_norm_ divides by (norm + 1e-6): a T times smaller norm feels that
+        # epsilon T times more, a difference of about 1e-6 in the clipped update
+        assert torch.allclose(a, c, atol=1e-5)
+    moved = max((a - b).abs().max().item()
+                for a, b in zip(ours.parameters(), before.parameters(), strict=True))
     assert moved > 1e-3  # the step did something
 
 

@@ -47,7 +47,7 @@ def test_dropped_end_of_sentence_fails_with_a_table(pipeline_run, tmp_path):
 def test_changed_learning_rate_fails_with_a_table(pipeline_run, tmp_path):
     repo, env = pipeline_run.clone(tmp_path / "repo", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["presets"]["quick"]["window"]["lr"] *= 10
+    params["train"]["presets"]["quick"]["models"]["window"]["lr"] *= 10
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = regression.repro(repo, env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

@@ -74,8 +74,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     cfg, network = train_cfg(optimizer="sgd", lr=1.0, epochs=4), net("lstm2")
     straight = train(network, cfg, tmp_path / "a")
 
-    def interrupt_after_two(record):
-        if record["epoch"] == 2:
+    def interrupt_after_two(history):
+        if history[-1]["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -87,7 +87,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path):
     torch.set_num_threads(1)
-    cfg, network = train_cfg(optimizer="sgd", lr=1.0, epochs=3, bptt=5), net("lstm")
+    # two validation points an epoch, the lr halved after each epoch: a resume point
+    # carries the schedule's state as well as the model's
+    cfg = train_cfg(optimizer="sgd", lr=1.0, epochs=3, bptt=5, evals_per_epoch=2,
+                    lr_decay=2.0, decay_after=1)
+    network = net("lstm")
     straight = train(network, cfg, tmp_path / "a")
     last = tmp_path / "b" / "last.pt"
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, say
@@ -105,6 +109,7 @@ def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path)
         train(network, cfg, tmp_path / "b", checkpoint_every_s=1e-9)
     progress = load_checkpoint(last)["progress"]
     assert 0 < progress["step"] < 3 * 75  # 75 steps an epoch
+    assert [r["lr"] for r in straight["history"]] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
     if progress["step"] % 75:  # almost always: mid-epoch, with the state carried so far
         assert progress["segment_tokens"] > 0 and progress["state"] is not None
     resumed = train(network, cfg, tmp_path / "b")
@@ -155,6 +160,7 @@ def test_cosine_schedule_anneals_inside_the_planned_steps():
     rates = [scheduled_lr(cfg, plan, s, epoch_lr=cfg.lr) for s in range(plan.total_steps)]
     assert rates[0] == pytest.approx(20.0 / 60) and rates[59] == pytest.approx(20.0)  # warm-up
     assert rates[-1] == pytest.approx(20.0 * 0.05)  # the floor, reached at the last step
+    assert rates[60] == pytest.approx(20.0)  # the cosine starts at lr
     assert all(a >= b for a, b in zip(rates[60:], rates[61:], strict=False))  # then down only
 
 
@@ -167,6 +173,10 @@ def test_plan_counts_tokens_and_places_validation_points():
     budget = Plan.make(columns=95, cfg=train_cfg(batch_size=4, bptt=10, epochs=3,
                                                  max_tokens=570, evals_per_epoch=1))
     assert budget.total_steps == 15 and budget.eval_steps == (10, 15)
+    # a run shorter than an epoch spreads its validation points over itself
+    short = Plan.make(columns=95, cfg=train_cfg(batch_size=4, bptt=10, epochs=1,
+                                                max_tokens=200, evals_per_epoch=4))
+    assert short.total_steps == 5 and short.eval_steps == (1, 2, 4, 5)
 
 
 def test_token_budget_stops_mid_epoch_with_a_curve(tmp_path):
