@@ -9,10 +9,11 @@ from pathlib import Path
 
 from tests.regression import BIN
 
-# another seed: a model-layer change that reaches both corpora (the corpus layers of the
+# another seed (a new key of the model layer, hence `+`): a change that reaches both
+# corpora (the corpus layers of the
 # quick preset and of tests/regression.yaml set other keys, e.g. synthetic's lr)
-EXPERIMENTS = {"window-seed2": "train.presets.quick.models.window.seed=2",
-               "rnn-seed2": "train.presets.quick.models.rnn.seed=2"}
+EXPERIMENTS = {"window-seed2": "+train.presets.quick.models.window.seed=2",
+               "rnn-seed2": "+train.presets.quick.models.rnn.seed=2"}
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:

@@ -58,7 +58,8 @@ def test_stream_score_matches_a_direct_computation():
             logits, _, state = model(torch.tensor([[prev]]), state=state)
             total -= math.log(torch.softmax(logits[0, 0].double(), -1)[tok].item())
             prev = int(tok)
-    assert score_stream(model, ids, 8, eos_id=0).nll == pytest.approx(total, rel=1e-9)
+    # the scorer's log-softmax runs in float32 (summed in float64): equal to rounding
+    assert score_stream(model, ids, 8, eos_id=0).nll == pytest.approx(total, rel=1e-6)
 
 
 def test_window_model_sees_exactly_its_context():

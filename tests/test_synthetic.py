@@ -85,7 +85,9 @@ def test_trigram_lands_close_to_the_floor_shown_by_prepare(tmp_path):
     kn = {order: build_ngram("synthetic", order, tmp_path / "prepared",
                              tmp_path / f"kn{order}.bin", params) for order in (2, 3)}
     assert kn[3]["test_tokens"] == source["splits"]["test"]["tokens"]
-    assert floor < kn[3]["test_ppl"] < 1.05 * floor
+    # on these very test sentences the source itself scores a little under its entropy
+    # rate; with 2M training tokens the KN 3-gram comes within 1% of it
+    assert meta["source"]["ppl_per_split"]["test"] < kn[3]["test_ppl"] < 1.05 * floor
     assert kn[2]["test_ppl"] > 2 * floor
     # on the very same sentences, the true source beats the estimated model
     assert meta["source"]["ppl_per_split"]["test"] < kn[3]["test_ppl"]
