@@ -272,8 +272,8 @@ class ResumePoint:
     key: str  # fingerprint()
     extra: dict  # plain data stored with it (corpus, vocabulary digest, ...)
 
-    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, progress: Progress,
-             device: str) -> None:
+    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             progress: Progress) -> None:
         plain = asdict(progress) | {"state": detach(progress.state)}
         save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "rng": _rng_state(), "fingerprint": self.key,
@@ -392,7 +392,7 @@ def train_segment(run: _Run, progress: Progress, until: int,
         if progress.step < until and (run.stop.requested or due):
             check_loss()
             book_time()
-            run.resume.save(run.model, run.opt, progress, run.device)
+            run.resume.save(run.model, run.opt, progress)
             last_save = time.perf_counter()
             if run.stop.requested:
                 raise TrainingInterrupted(
@@ -469,10 +469,10 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
                    resume, stop, bar)
         while progress.step < plan.total_steps:
             train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
-            record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
-                              eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
-                              network=network)
-            resume.save(model, opt, progress, device)
+            validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
+                     eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
+                     network=network)
+            resume.save(model, opt, progress)
             if on_eval is not None:
                 on_eval(progress.history)  # the curve so far, `record` last
             if stop.requested and progress.step < plan.total_steps:
