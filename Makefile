@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-d
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
 .PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
-	screenshots reproduce-small clean
+	screenshots reproduce-small clean exp
 
 setup: $(VENV)/.installed kenlm
 
@@ -59,6 +59,11 @@ kenlm: system-deps $(VENV)/.installed
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	@cat reports/leaderboard.md
+
+# `dvc exp run` with the virtual environment first on PATH, so that the stages' `python`
+# is the one with the pinned dependencies: make exp ARGS='-S train.preset=small'
+exp: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run $(ARGS)
 
 test: setup browser-deps
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

@@ -59,6 +59,14 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: floa
     return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
 
 
+def bf16_matmuls(device: str) -> bool:
+    """Whether bf16 matrix products have hardware support here (on a CPU without AVX-512
+    BF16 or AMX they are emulated, hundreds of times slower than fp32)."""
+    if device == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
 def matmul_parameters(model: LanguageModel) -> int:
     """Parameters used in matrix products: all but the input embedding (unless it is
     also the tied output projection)."""
@@ -86,8 +94,8 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
         if step == 3:
             sync(device)
             started = time.perf_counter()
-        _, state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
-                              autocast=autocast)
+        state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
+                           autocast=autocast).state
     sync(device)
     train_tps = steps * cfg.batch_size * cfg.bptt / (time.perf_counter() - started)
     ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
@@ -113,8 +121,8 @@ def main() -> None:
     params = load_section("train", TrainParams)
     device = pick_device(params.device)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    peak = {d: matmul_peak(device, t) for d, t in (("fp32", torch.float32),
-                                                   ("bf16", torch.bfloat16))}
+    peak = {"fp32": matmul_peak(device, torch.float32),
+            "bf16": matmul_peak(device, torch.bfloat16) if bf16_matmuls(device) else 0.0}
     jobs = [(p, m, args.vocab, args.steps, args.eval_tokens, device)
             for p in args.presets for m in params.models]
     if device == "cpu":  # a fresh process per model: its own peak resident memory
@@ -125,7 +133,10 @@ def main() -> None:
         rows = [measure(*job) for job in jobs]
     lines = [f"Throughput on {device} ({name}, {torch.get_num_threads()} threads), torch "
              f"{torch.__version__}, vocabulary {args.vocab:,}; matrix-product peak "
-             f"{peak['fp32']:,.0f} GFLOP/s fp32, {peak['bf16']:,.0f} GFLOP/s bf16", "",
+             f"{peak['fp32']:,.0f} GFLOP/s fp32, " + (
+                 f"{peak['bf16']:,.0f} GFLOP/s bf16" if peak["bf16"] else
+                 "no fast bf16 (CPU capability "
+                 f"{torch.backends.cpu.get_cpu_capability()}: no AVX-512 BF16 or AMX)"), "",
              "| preset | model | parameters | batch x bptt | train tokens/s | eval tokens/s "
              "| train GFLOP/s | of fp32 peak | peak memory (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]

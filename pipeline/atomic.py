@@ -2,6 +2,9 @@
 
 A stage interrupted half-way leaves at most a `.tmp-*` file behind, never a
 truncated output that the next stage (or `dvc repro`) would take as finished.
+The new content is flushed to disk (fsync) before the rename, and the rename
+itself after it, so a power cut cannot leave an empty or partial file under the
+final name (a file system may otherwise commit the rename before the data).
 """
 
 from __future__ import annotations
@@ -31,15 +34,34 @@ def atomic_path(dest: Path | str, directory: bool = False) -> Iterator[Path]:
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
+        _fsync_tree(tmp)
         if directory and dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+        _fsync(dest.parent)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush `path` (a file, or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under a directory (then the directory)."""
+    if path.is_dir():
+        for child in path.iterdir():
+            _fsync_tree(child)
+    _fsync(path)
 
 
 def _umask() -> int:

@@ -14,11 +14,14 @@ and its splits by their published line counts.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from pipeline.errors import UserError
 
 Level = Literal["word", "char"]
 Split = Literal["train", "valid", "test"]
@@ -28,7 +31,7 @@ Lines = list[list[str]]  # one list of tokens per line (sentence), without <eos>
 CHECKSUM_DIR = Path(__file__).parent / "checksums"
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """Raw corpus content that cannot be used (bad bytes, empty split, ...)."""
 
 
@@ -50,6 +53,9 @@ class Corpus:
     read_splits: Callable[[Path], dict[Split, Lines]] = field(repr=False)
     line_counts: dict[str, int] | None = None  # published, checked where no sha256 exists
     min_count: int = 1  # train words seen fewer times than this become <unk>
+    # Blank lines are skipped (see `skip_blank_lines`) except in corpora whose published
+    # numbers score them: every character of Tiny Shakespeare, every line of WikiText
+    keep_blank_lines: bool = False
 
     def checksums(self) -> dict[str, str]:
         """Relative raw path -> expected sha256, from pipeline/checksums/."""
@@ -72,28 +78,52 @@ def sha256_of(path: Path) -> str:
 
 
 def read_utf8(path: Path) -> str:
+    """The file's text; a leading UTF-8 byte-order mark (Windows editors write one) is
+    dropped, so it never becomes part of the first token."""
     data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
+        at = bom + exc.start  # offset in the file
         raise CorpusError(
-            f"{path}: byte {exc.start} (0x{data[exc.start]:02x}) is not valid UTF-8; "
+            f"{path}: byte {at} (0x{data[at]:02x}) is not valid UTF-8; "
             "re-encode the file as UTF-8"
         ) from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The text's lines, the same at every level: a line ends at \\n, \\r\\n or \\r
+    (Unix, Windows, old Mac) and at the other breaks of `str.splitlines` (form feed,
+    \\x85, \\u2028, ...); the break itself is no token (it becomes <eos>)."""
+    return text.splitlines()
+
+
 def word_lines(text: str) -> Lines:
     """One sentence per line, tokens separated by whitespace (PTB, WikiText)."""
-    return [line.split() for line in text.splitlines()]
+    return [line.split() for line in text_lines(text)]
 
 
 def char_lines(text: str) -> Lines:
-    """Every character is a token; each newline becomes <eos>."""
-    return [list(line) for line in text.removesuffix("\n").split("\n")]
+    """Every character is a token; each line end becomes <eos>."""
+    return [list(line) for line in text_lines(text)]
+
+
+def is_blank(line: list[str]) -> bool:
+    """A line with no token but whitespace (at word level: no token at all)."""
+    return all(tok.isspace() for tok in line)
+
+
+def skip_blank_lines(lines: Lines) -> tuple[Lines, int]:
+    """The lines that are not blank, and how many were blank. A blank line is no
+    sentence: scored, it would be a lone, easily predicted <eos> that lowers perplexity."""
+    kept = [line for line in lines if not is_blank(line)]
+    return kept, len(lines) - len(kept)
 
 
 def split_by_ratio(lines: Lines, ratios: Sequence[float]) -> dict[Split, Lines]:
-    """Contiguous train/valid/test blocks holding `ratios` of the tokens, cut at line ends."""
+    """Contiguous train/valid/test blocks holding `ratios` of the tokens, cut at line ends
+    (a blank line counts as its one line end here, whether or not it is skipped later)."""
     sizes = [len(line) + 1 for line in lines]  # + <eos>
     total = sum(sizes)
     bounds = [ratios[0] * total, (ratios[0] + ratios[1]) * total]
@@ -124,11 +154,9 @@ def read_brown(raw: Path) -> dict[Split, Lines]:
     800,000 words, valid the next 200,000, test the rest (Bengio et al. 2003, sec. 4)."""
     files = sorted(p for p in (raw / "brown").iterdir() if len(p.name) == 4)
     sentences: Lines = []
-    for path in files:
-        for line in read_utf8(path).splitlines():
-            tokens = line.split()
-            if tokens:
-                sentences.append([tok.rsplit("/", 1)[0] for tok in tokens])
+    for path in files:  # blank lines stay here: `prepare` skips them, as for every corpus
+        for tokens in word_lines(read_utf8(path)):
+            sentences.append([tok.rsplit("/", 1)[0] for tok in tokens])
     parts: dict[Split, Lines] = {s: [] for s in SPLITS}
     words = 0
     for sentence in sentences:
@@ -166,6 +194,7 @@ def _wikitext(name: str, folder: str, md5: str, lines: dict[str, int]) -> Corpus
         read_splits=_files_as_splits(
             {s: f"{folder}/wiki.{s}.tokens" for s in SPLITS}, word_lines),
         line_counts={f"{folder}/wiki.{s}.tokens": n for s, n in lines.items()},
+        keep_blank_lines=True,  # published perplexities predict an <eos> for every line
     )
 
 
@@ -198,6 +227,7 @@ REGISTRY: dict[str, Corpus] = {
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             "tinyshakespeare/input.txt", saved_as="input.txt"),),
         read_splits=read_tinyshakespeare,
+        keep_blank_lines=True,  # a character model predicts every newline (nanoGPT, char-rnn)
     ),
     "wikitext2": _wikitext("wikitext2", "wikitext-2", "542ccefacc6c27f945fb54453812b3cd",
                            {"train": 36718, "valid": 3760, "test": 4358}),
@@ -212,11 +242,21 @@ REGISTRY: dict[str, Corpus] = {
         sources=(),
         read_splits=_files_as_splits({s: f"{s}.txt" for s in SPLITS}, word_lines),
     ),
+    # dependencies at known distances (pipeline/longrange.py), generated like `synthetic`:
+    # its floor, and the floor at the dependent positions, are known exactly
+    "longrange": Corpus(
+        name="longrange",
+        level="word",
+        description="lines that repeat a key d tokens later, for known gaps d, exact floor",
+        sources=(),
+        read_splits=_files_as_splits({s: f"{s}.txt" for s in SPLITS}, word_lines),
+    ),
 }
 # `custom`: the user's own text, copied by the download stage from `download.custom_path`
 # (a folder with train.txt, valid.txt and test.txt, or one file split by ratios).
 CUSTOM = "custom"
 SYNTHETIC = "synthetic"
+LONGRANGE = "longrange"
 CUSTOM_SPLIT_FILES = {s: f"{s}.txt" for s in SPLITS}
 CUSTOM_SINGLE_FILE = "all.txt"
 

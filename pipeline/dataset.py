@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    """Prepared data the stages cannot use as it is (the message says what to change)."""
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -33,7 +38,7 @@ def id_dtype(vocab_size: int) -> np.dtype:
         return np.dtype(np.uint16)
     if vocab_size <= np.iinfo(np.uint32).max:
         return np.dtype(np.uint32)
-    raise ValueError(f"vocabulary of {vocab_size:,} types does not fit a uint32 token id; "
+    raise DataError(f"vocabulary of {vocab_size:,} types does not fit a uint32 token id; "
                      "keep fewer types (e.g. raise prepare.custom.min_count)")
 
 

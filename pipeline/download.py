@@ -31,12 +31,16 @@ from pipeline.corpora import (
     CUSTOM,
     CUSTOM_SINGLE_FILE,
     CUSTOM_SPLIT_FILES,
+    LONGRANGE,
     SYNTHETIC,
     Corpus,
     Source,
     get_corpus,
     sha256_of,
 )
+from pipeline.errors import UserError, run_stage
+from pipeline.longrange import LongRangeParams
+from pipeline.longrange import generate_corpus as generate_longrange
 from pipeline.params import load_section
 from pipeline.synthetic import SyntheticParams, generate_corpus
 
@@ -44,7 +48,7 @@ MIRROR_ENV = "LMB_MIRROR"
 URL_TIMEOUT_S = 30
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     pass
 
 
@@ -53,11 +57,30 @@ class DownloadParams:
     mirror: str  # folder laid out like shared/corpora; "" = none (env LMB_MIRROR wins)
     custom_path: str  # the `custom` corpus: a folder with {train,valid,test}.txt, or one file
     synthetic: SyntheticParams  # the `synthetic` corpus's source and sizes
+    longrange: LongRangeParams  # the `longrange` corpus's source and sizes
+
+
+def repo_path(value: str) -> Path:
+    """A path from params or the environment. A relative one is relative to the repository
+    root: $DVC_ROOT, which DVC sets in every stage (under `dvc exp run --queue` or
+    `--temp` the stage runs in a temporary copy, but DVC_ROOT still names the user's
+    checkout), else the working directory."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(os.environ.get("DVC_ROOT") or ".").resolve() / path
 
 
 def resolve_mirror(params_mirror: str) -> Path | None:
+    """The mirror folder ($LMB_MIRROR, else params download.mirror), or None if neither is
+    set. One that is set but is no folder is an error: never a silent download."""
+    name = MIRROR_ENV if os.environ.get(MIRROR_ENV) else "download.mirror"
     value = os.environ.get(MIRROR_ENV) or params_mirror
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    mirror = repo_path(value)
+    if not mirror.is_dir():
+        raise DownloadError(f"{name} {value!r}: no folder at {mirror} (a relative path is "
+                            "relative to the repository root)")
+    return mirror
 
 
 def _fetch_url(url: str, dest: Path) -> None:
@@ -161,6 +184,9 @@ def download_corpus(name: str, out: Path, params: DownloadParams) -> Path:
     if name == SYNTHETIC:
         generate_corpus(out, params.synthetic)
         return out
+    if name == LONGRANGE:
+        generate_longrange(out, params.longrange)
+        return out
     corpus = get_corpus(name)
     if out.is_dir():
         try:
@@ -191,7 +217,7 @@ def copy_custom(custom_path: str, out: Path) -> Path:
             "corpus 'custom' needs params download.custom_path: a folder with "
             "train.txt, valid.txt and test.txt, or one text file to split by ratios"
         )
-    src = Path(custom_path).expanduser()
+    src = repo_path(custom_path)
     with atomic_path(out, directory=True) as staging:
         if src.is_file():
             shutil.copyfile(src, staging / CUSTOM_SINGLE_FILE)
@@ -204,7 +230,8 @@ def copy_custom(custom_path: str, out: Path) -> Path:
                     )
                 shutil.copyfile(src / split_file, staging / split_file)
         else:
-            raise DownloadError(f"download.custom_path: {src} does not exist")
+            raise DownloadError(f"download.custom_path {custom_path!r}: {src} does not exist "
+                                "(a relative path is relative to the repository root)")
     return out
 
 
@@ -217,4 +244,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,7 +8,9 @@ checkout and every run.
 
     python -m pipeline.kenlm_tools          # build if missing, print the bin folder
 
-Location: $LMB_KENLM_DIR, else ~/.cache/lm-baselines/kenlm-<version>.
+Location: $LMB_KENLM_DIR, else ~/.cache/lm-baselines/kenlm-<version>. A build
+stamps its version in bin/KENLM_VERSION; tools of another (or an unknown) version
+in $LMB_KENLM_DIR are refused, so estimation and scoring never mix versions.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pipeline.errors import UserError, run_stage
+
 KENLM_VERSION = "0.3.0"
 TOOLS = ("lmplz", "build_binary")
+VERSION_FILE = "KENLM_VERSION"  # in bin/, written by build(): the version of the tools
 
 
-class KenLMToolsMissing(RuntimeError):
+class KenLMToolsMissing(UserError, RuntimeError):
     pass
 
 
@@ -45,11 +50,28 @@ def tool_path(name: str) -> Path:
             "`make kenlm` (or `python -m pipeline.kenlm_tools`); set LMB_KENLM_DIR "
             "to use another build folder."
         )
+    version = built_version()
+    if version != KENLM_VERSION:
+        built = f"KenLM {version}" if version else f"of unknown version (no bin/{VERSION_FILE})"
+        raise KenLMToolsMissing(
+            f"LMB_KENLM_DIR {cache_dir()}: its tools are {built}, the scoring module is "
+            f"KenLM {KENLM_VERSION}; rebuild them there with `make kenlm`, or unset "
+            "LMB_KENLM_DIR")
     return path
 
 
+def built_version() -> str | None:
+    """The KenLM version the tools in cache_dir() were built from: their stamp, else (for
+    the default folder, named after the version) KENLM_VERSION; None if unknown."""
+    stamp = cache_dir() / "bin" / VERSION_FILE
+    if stamp.is_file():
+        return stamp.read_text(encoding="utf-8").strip()
+    return None if os.environ.get("LMB_KENLM_DIR") else KENLM_VERSION
+
+
 def is_built() -> bool:
-    return all(os.access(cache_dir() / "bin" / t, os.X_OK) for t in TOOLS)
+    return (all(os.access(cache_dir() / "bin" / t, os.X_OK) for t in TOOLS)
+            and built_version() == KENLM_VERSION)
 
 
 def _quiet(cmd: list[str], cwd: Path) -> None:
@@ -99,6 +121,7 @@ def build(jobs: int | None = None) -> Path:
         staged.mkdir()
         for tool in TOOLS:
             shutil.copy2(build_dir / "bin" / tool, staged / tool)
+        (staged / VERSION_FILE).write_text(KENLM_VERSION + "\n", encoding="utf-8")
         # Rename into place last: a half-finished build never looks finished.
         if bin_dir.exists():
             shutil.rmtree(bin_dir)
@@ -111,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -29,6 +29,7 @@ import pandas as pd
 
 from pipeline.atomic import write_json, write_text
 from pipeline.dataset import PreparedCorpus
+from pipeline.errors import UserError, run_stage
 from pipeline.lineup import configured_models
 from pipeline.references import REFERENCES_NOTE, compare
 
@@ -47,7 +48,7 @@ SCORING_NOTE = (
 )
 
 
-class LeaderboardError(RuntimeError):
+class LeaderboardError(UserError, RuntimeError):
     pass
 
 
@@ -222,4 +223,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,8 +12,9 @@ serve all of them without branching on the type:
   vocabulary, optionally with direct embedding-to-output connections. Its
   "state" is simply the last n-1 tokens of the previous chunk, so chunk borders
   lose no context.
-- `rnn`: Elman RNN (tanh), one layer. `lstm`: one layer. `lstm2`: two layers.
-  Their state is the recurrent hidden state, detached between chunks by the caller.
+- `rnn`: Elman RNN (tanh), one layer. `gru`: GRU (Cho et al. 2014), one layer.
+  `lstm`: one layer. `lstm2`: two layers. Their state is the recurrent hidden
+  state, detached between chunks by the caller.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Kind = Literal["window", "rnn", "lstm", "lstm2"]
-KINDS: tuple[str, ...] = ("window", "rnn", "lstm", "lstm2")
+Kind = Literal["window", "rnn", "gru", "lstm", "lstm2"]
+KINDS: tuple[str, ...] = ("window", "rnn", "gru", "lstm", "lstm2")
+CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM, "lstm2": nn.LSTM}
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class WindowLM(nn.Module):
             logits = logits + self.direct(x)
         return logits, full[:, -C:]  # the next chunk's context
 
+    def read(self, idx: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return torch.cat([state, idx], dim=1)[:, -self.cfg.context:]  # (B, C)
+
 
 class RecurrentLM(nn.Module):
     def __init__(self, cfg: NetworkConfig):
@@ -100,7 +105,7 @@ class RecurrentLM(nn.Module):
         self.cfg = cfg
         layers = 2 if cfg.kind == "lstm2" else 1
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embedding_size)
-        cell = nn.RNN if cfg.kind == "rnn" else nn.LSTM
+        cell = CELLS[cfg.kind]
         extra = {"nonlinearity": "tanh"} if cfg.kind == "rnn" else {}
         self.rnn = cell(cfg.embedding_size, cfg.hidden_size, num_layers=layers,
                         dropout=cfg.dropout if layers > 1 else 0.0, batch_first=True, **extra)
@@ -116,6 +121,10 @@ class RecurrentLM(nn.Module):
         x = self.drop(self.embed(idx))  # (B, T, m)
         y, state = self.rnn(x, state)  # (B, T, h)
         return self.out(self.drop(y)), state  # (B, T, V)
+
+    def read(self, idx: torch.Tensor, state):
+        _, state = self.rnn(self.drop(self.embed(idx)), state)  # no output layer
+        return state
 
 
 class LanguageModel(nn.Module):
@@ -135,6 +144,13 @@ class LanguageModel(nn.Module):
 
     def initial_state(self, batch: int, device: torch.device):
         return self.net.initial_state(batch, device)
+
+    def read(self, idx: torch.Tensor, state=None):
+        """The state after reading idx (B, T), without predicting: no output layer, so
+        much cheaper than forward() over a large vocabulary (the analyses use it)."""
+        if state is None:
+            state = self.initial_state(idx.size(0), idx.device)
+        return self.net.read(idx, state)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, state=None):
         if state is None:

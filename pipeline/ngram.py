@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.dataset import PreparedCorpus
+from pipeline.errors import UserError, run_stage
 from pipeline.kenlm_tools import KENLM_VERSION, tool_path
 from pipeline.lineup import ngram_name
 from pipeline.params import load_section, require
@@ -35,7 +36,7 @@ from pipeline.perplexity import SplitScore
 EVAL_SPLITS = ("valid", "test")
 
 
-class NgramError(RuntimeError):
+class NgramError(UserError, RuntimeError):
     pass
 
 
@@ -206,4 +207,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

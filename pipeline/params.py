@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pipeline.errors import UserError, run_stage
+
 PARAMS_FILE = Path("params.yaml")
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params.yaml value that does not fit its declared type."""
 
 
@@ -144,15 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     cmd.add_argument("model")
     cmd.add_argument("--preset", help="default: train.preset")
     args = parser.parse_args(argv)
-    # as `python -m pipeline.params` this file is __main__; the stages raise the
-    # ParamsError of the imported module
-    from pipeline import params
-
-    try:
-        print(params.show(args.corpus, args.model, args.preset))
-    except params.ParamsError as exc:
-        sys.exit(f"error: {exc}")
+    print(show(args.corpus, args.model, args.preset))  # a ParamsError: see run_stage
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

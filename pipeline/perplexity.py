@@ -62,7 +62,15 @@ def score_stream(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> Sp
 
 
 def stream_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> tuple[float, int]:
-    """(total NLL in nats, tokens) of a split read as one stream, possibly non-finite.
+    """(total NLL in nats, tokens) of a split read as one stream, possibly non-finite
+    (see stream_token_nll)."""
+    nll = stream_token_nll(model, ids, chunk, eos_id, device)
+    return float(nll.sum()), len(nll)
+
+
+def stream_token_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu"):
+    """The NLL of every token (nats, float64 array of len(ids)) of a split read as one
+    stream, possibly non-finite.
 
     The split is scored in order, in chunks of `chunk` tokens with the model's state
     carried from chunk to chunk, so the result does not depend on `chunk` (only on
@@ -83,7 +91,7 @@ def stream_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> tupl
     inputs = torch.cat([torch.tensor([eos_id]), targets[:-1]])
     was_training = model.training
     model.eval()
-    nll = 0.0
+    nll = []
     state = None
     with torch.no_grad():
         for start in range(0, len(targets), chunk):
@@ -91,7 +99,7 @@ def stream_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> tupl
             y = targets[start : start + chunk].to(device)[None]  # (1, T)
             logits, _, state = model(x, state=state)  # (1, T, V)
             # log-softmax in float32 (in float64 it took as long as the forward pass),
-            # the per-token losses summed in float64
-            nll += F.cross_entropy(logits[0].float(), y[0], reduction="none").double().sum().item()
+            # the per-token losses kept (and summed) in float64
+            nll.append(F.cross_entropy(logits[0].float(), y[0], reduction="none").double())
     model.train(was_training)
-    return nll, len(targets)
+    return torch.cat(nll).cpu().numpy()  # (N,)

@@ -30,8 +30,10 @@ from pipeline.corpora import (
     Split,
     get_corpus,
     read_custom,
+    skip_blank_lines,
 )
 from pipeline.dataset import EOS, UNK, id_dtype, write_split, write_vocab
+from pipeline.errors import run_stage
 from pipeline.params import load_section, require
 from pipeline.synthetic import SOURCE_FILE
 
@@ -85,11 +87,15 @@ def prepare_corpus(name: str, raw: Path, out: Path, params: PrepareParams) -> di
     """Tokenize `raw` into `out`; return the vocabulary metadata that was written."""
     if name == CUSTOM:
         level, min_count = params.custom.level, params.custom.min_count
-        splits = read_custom(raw, level, params.custom.ratios)
+        splits, keep_blank = read_custom(raw, level, params.custom.ratios), False
     else:
         corpus = get_corpus(name)
         level, min_count = corpus.level, corpus.min_count
-        splits = corpus.read_splits(raw)
+        splits, keep_blank = corpus.read_splits(raw), corpus.keep_blank_lines
+    skipped = {split: 0 for split in SPLITS}
+    if not keep_blank:
+        for split in SPLITS:
+            splits[split], skipped[split] = skip_blank_lines(splits[split])
     for split in SPLITS:
         if not any(splits[split]):
             raise CorpusError(f"{name}: the {split} split is empty ({raw})")
@@ -104,6 +110,7 @@ def prepare_corpus(name: str, raw: Path, out: Path, params: PrepareParams) -> di
         "dtype": dtype.name,
         "tokens_per_split": {},
         "lines_per_split": {},
+        "blank_lines_skipped_per_split": skipped,
         "oov_per_split": {},
         "oov_rate_per_split": {},
     }
@@ -140,7 +147,9 @@ def known_source(path: Path, meta: dict) -> dict:
                 "<unk>; its entropy would not describe this data (make train larger)")
     return {"order": source["order"], "entropy_nats": source["entropy_nats"],
             "entropy_bits": source["entropy_bits"], "floor_ppl": source["floor_ppl"],
-            "ppl_per_split": {s: source["splits"][s]["ppl"] for s in SPLITS}}
+            "ppl_per_split": {s: source["splits"][s]["ppl"] for s in SPLITS},
+            # longrange: where the dependent positions are and their floor
+            **({"dependencies": source["dependencies"]} if "dependencies" in source else {})}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,4 +162,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,8 +9,8 @@ difference between two different experiments is neither an error nor a result).
 `compare` decides this for a row; the leaderboard and the report only print it.
 
 Figures and sources: the design guide's table. Not listed, because no model of
-ours is of their kind: the Good-Turing 3-gram (ours are Kneser-Ney), the GRU,
-AWD-LSTM and the character transformer.
+ours is of their kind: the Good-Turing 3-gram (ours are Kneser-Ney), AWD-LSTM and
+the character transformer.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Reference:
     """One published result and the configuration it was measured with."""
 
     corpus: str
-    model: str  # the model of ours it speaks of: a kind (window, rnn, lstm, lstm2) or kn<order>
+    model: str  # the model of ours it speaks of: a kind (rnn, gru, lstm2, ...) or kn<order>
     description: str  # the published model, with its configuration in words
     valid: float | None  # perplexity of the validation split
     test: float | None  # perplexity of the test split
@@ -91,6 +91,10 @@ REFERENCES: tuple[Reference, ...] = (
               not_comparable=NOT_PUBLISHED),
     Reference("ptb", "rnn", "RNN", None, 124.7, "Mikolov & Zweig 2012",
               not_comparable=NOT_PUBLISHED),
+    Reference("ptb", "gru", "GRU, about 13M parameters, tied, SGD", None, 92.48,
+              "Bai et al. 2018, table 1",
+              not_comparable="context: a larger model (about 13M parameters), "
+              "configuration not published in full"),
     _zaremba("small", units=200, dropout=0.0, init_range=0.1, bptt=20, epochs=13,
              lr_decay=2.0, decay_after=4, clip=5.0, valid=120.7, test=114.5,
              tensorflow="121.39 / 115.91"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.atomic import write_json, write_text
 from pipeline.dataset import EOS, PreparedCorpus, Vocabulary
+from pipeline.errors import run_stage
 from pipeline.lineup import configured_models, is_ngram
 from pipeline.ngram import kenlm_word
 from pipeline.params import load_section, require
@@ -35,18 +37,25 @@ class SampleParams:
     prompt: str  # "" = start after an end of line
 
     def validate(self, key: str) -> None:
-        require(self.temperature > 0, f"{key}.temperature",
-                f"must be positive, got {self.temperature}")
+        require(0 < self.temperature < math.inf, f"{key}.temperature",
+                f"must be a positive finite number, got {self.temperature}")
         for name in ("words", "chars"):
             require(getattr(self, name) > 0, f"{key}.{name}",
                     f"must be positive, got {getattr(self, name)}")
 
 
 def encode_prompt(prompt: str, vocab: Vocabulary) -> list[int]:
+    """The prompt's ids; tokens outside the vocabulary become <unk>, with a warning on
+    stderr that shows the prompt the models actually continue."""
     index = {tok: i for i, tok in enumerate(vocab.tokens)}
     index["\n"] = vocab.eos_id  # a line break in a character prompt is an end of line
     pieces = list(prompt) if vocab.level == "char" else prompt.split()
-    return [index.get(p, vocab.unk_id) for p in pieces]
+    unknown = list(dict.fromkeys(p for p in pieces if p not in index))
+    ids = [index.get(p, vocab.unk_id) for p in pieces]
+    if unknown:
+        print(f"warning: sample.prompt: {', '.join(map(repr, unknown))} not in the vocabulary; "
+              f"the models continue {vocab.decode(ids)!r}", file=sys.stderr, flush=True)
+    return ids
 
 
 def _draw(logp: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
@@ -158,4 +167,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,7 +1,8 @@
 """The one module that talks to MLflow.
 
 Store: $MLFLOW_TRACKING_URI, else `mlflow.db` (SQLite) in the repository root:
-$DVC_ROOT, which DVC gives every stage. Under `dvc exp run --queue` (or --temp)
+$DVC_ROOT, which DVC gives every stage; artifacts in `mlruns/<experiment>` beside
+a SQLite store. Under `dvc exp run --queue` (or --temp)
 stages run in a temporary copy of the repository that DVC deletes afterwards;
 DVC_ROOT then still names the parent repository, so every experiment's runs land
 in the one store, written by several workers at once (hence the retries below).
@@ -33,6 +34,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.errors import UserError, run_stage
+
 STORE_FILE = "mlflow.db"
 RETRIES = 5
 FIRST_DELAY_S = 0.5  # doubled after each failed try
@@ -41,7 +44,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     pass
 
 
@@ -50,6 +53,26 @@ def tracking_uri() -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     root = Path(os.environ.get("DVC_ROOT") or ".").resolve()
     return f"sqlite:///{root / STORE_FILE}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlruns/<experiment>` beside a SQLite
+    store, whichever process creates it (MLflow's default, `./mlruns` in the working
+    directory, would put them in a queue worker's temporary copy, which DVC deletes).
+    None for a tracking server, which has its own artifact root."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    return (db.parent.resolve() / "mlruns" / experiment).as_uri()
+
+
+def open_experiment(name: str, uri: str) -> None:
+    """Make `name` the active experiment, creating it with its artifact location if new."""
+    import mlflow
+
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_location(uri, name))
+    mlflow.set_experiment(name)
 
 
 def git_commit() -> str:
@@ -165,7 +188,7 @@ def model_run(corpus: str, model: str, family: str, stage: str,
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     logger = RunLogger()
     with _first_access_lock(uri):  # creates the store (and its tables) if it is new
-        logger.call(lambda: mlflow.set_experiment(corpus), "open the experiment")
+        logger.call(lambda: open_experiment(corpus, uri), "open the experiment")
     # MLflow 3's UI opens an experiment of this kind on its runs table (not the GenAI view)
     logger.call(lambda: mlflow.set_experiment_tag("mlflow.experimentKind",
                                                   "custom_model_development"),
@@ -213,4 +236,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -15,14 +15,18 @@ perplexity of that best model come from the one stream scorer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shutil
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
-from pipeline.dataset import PreparedCorpus
+from pipeline.dataset import DataError, PreparedCorpus
+from pipeline.errors import UserError, run_stage
 from pipeline.networks import KINDS
 from pipeline.params import ParamsError, load_section
 from pipeline.perplexity import score_stream
@@ -32,12 +36,13 @@ from pipeline.training import TrainingInterrupted, load_model, train_model
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",
     "rnn": "Elman RNN (tanh), 1 layer",
+    "gru": "GRU, 1 layer",
     "lstm": "LSTM, 1 layer",
     "lstm2": "LSTM, 2 layers",
 }
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(UserError, RuntimeError):
     pass
 
 
@@ -54,15 +59,49 @@ def pick_device(requested: str) -> str:
     return next(name for name in ("cuda", "mps", "cpu") if available[name])
 
 
+@contextlib.contextmanager
+def out_of_memory_advice(corpus: str, model: str, device: str, params: TrainParams,
+                         scoring: bool = False) -> Iterator[None]:
+    """Turn running out of memory into OutOfMemory naming the params key to lower:
+    train.eval_chunk while scoring a split (`scoring`, or a validation point inside
+    training), else the model's batch_size."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError saying so
+        if not isinstance(exc, torch.OutOfMemoryError) and \
+                "can't allocate memory" not in str(exc):
+            raise
+        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if scoring or _raised_in(exc, "validate"):
+            raise OutOfMemory(
+                f"{device} ran out of memory scoring {corpus}/{model} with eval_chunk "
+                f"{params.eval_chunk}: lower train.eval_chunk (tokens per scoring pass; the "
+                f"perplexity does not depend on it). {said}") from None
+        spec = params.spec(corpus, model)
+        where = params.resolve(corpus, model)["batch_size"][1]
+        raise OutOfMemory(
+            f"{device} ran out of memory training {corpus}/{model} with batch_size "
+            f"{spec.training.batch_size}: lower {where}.batch_size (or bptt / hidden_size; "
+            f"a corpora.{corpus} entry changes only this corpus). {said}"
+        ) from None
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    """Whether the traceback of `exc` passes through a function of that name."""
+    return any(frame.f_code.co_name == function for frame, _ in traceback.walk_tb(
+        exc.__traceback__))
+
+
 def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, out: Path,
                     curve: Path, params: TrainParams, run=None) -> dict:
     """Train (or resume) `model` on `corpus`, publish its best checkpoint, return metrics."""
-    import torch
-
     data = PreparedCorpus(data_dir)
     vocab = data.vocabulary()
     if vocab.eos_id != 0:  # the window model's start context is id 0 (see networks.py)
-        raise RuntimeError(f"{data_dir}: <eos> must be token id 0 (rerun prepare)")
+        raise DataError(f"{data_dir}: <eos> must be token id 0 (rerun prepare)")
     spec = params.spec(corpus, model)
     device = pick_device(params.device)
     logged = 0  # curve points already logged to this MLflow run
@@ -80,25 +119,20 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         write_json(curve, history)  # DVC plots: the learning curve so far
 
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus}
+    batch_size, train_tokens = spec.training.batch_size, len(data.ids("train"))
+    if train_tokens < batch_size + 1:
+        where = params.resolve(corpus, model)["batch_size"][1]
+        raise ParamsError(f"{where}.batch_size: {batch_size} columns need at least "
+                          f"{batch_size + 1} training tokens, {corpus}'s train split has "
+                          f"{train_tokens} (a corpora.{corpus} entry changes only this corpus)")
     print(f"{corpus} {model}: training on {device} ({params.preset} preset)", flush=True)
-    try:
+    with out_of_memory_advice(corpus, model, device, params):
         result = train_model(network=spec.for_vocabulary(len(vocab)), training=spec.training,
                              train_ids=data.ids("train"), valid_ids=data.ids("valid"),
                              eos_id=vocab.eos_id, checkpoint_dir=checkpoints, device=device,
                              on_eval=on_eval, bf16=params.bf16, extra=extra,
                              eval_chunk=params.eval_chunk,
                              checkpoint_every_s=params.checkpoint_every_s)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        # CUDA raises OutOfMemoryError; the CPU allocator a RuntimeError saying so
-        if not isinstance(exc, torch.OutOfMemoryError) and \
-                "can't allocate memory" not in str(exc):
-            raise
-        where = params.resolve(corpus, model)["batch_size"][1]
-        raise OutOfMemory(
-            f"{device} ran out of memory training {corpus}/{model} with batch_size "
-            f"{spec.training.batch_size}: lower {where}.batch_size (or bptt / hidden_size; "
-            f"a corpora.{corpus} entry changes only this corpus). {str(exc).splitlines()[0]}"
-        ) from None
     history = result["history"]
     on_eval(history)  # a run found finished: its curve, logged and written
     with atomic_path(out) as tmp:
@@ -126,7 +160,8 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
     }
     best = load_model(out, device, vocab.digest())
     for split in ("valid", "test"):
-        score = score_stream(best, data.ids(split), params.eval_chunk, vocab.eos_id, device)
+        with out_of_memory_advice(corpus, model, device, params, scoring=True):
+            score = score_stream(best, data.ids(split), params.eval_chunk, vocab.eos_id, device)
         expected = data.meta["tokens_per_split"][split]
         if score.tokens != expected:
             raise RuntimeError(f"scored {score.tokens} tokens of {split}, prepare counted "
@@ -147,14 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", help="another preset than train.preset (reproductions "
                         "outside the pipeline's matrix; see the Makefile)")
     args = parser.parse_args(argv)
-    try:
-        params = load_section("train", TrainParams)
-        if args.preset:
-            params = dataclasses.replace(params, preset=args.preset)
-            params.validate("train")
-        spec = params.spec(args.corpus, args.model)
-    except ParamsError as exc:
-        sys.exit(f"error: {exc}")
+    params = load_section("train", TrainParams)
+    if args.preset:
+        params = dataclasses.replace(params, preset=args.preset)
+        params.validate("train")
+    spec = params.spec(args.corpus, args.model)
     with tracking.model_run(args.corpus, args.model, "neural",
                             f"train@{args.corpus}-{args.model}", spec.flat(),
                             preset=params.preset) as run:
@@ -177,4 +209,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -34,27 +34,32 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
+import statistics
+import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
+from pipeline.errors import UserError
 from pipeline.networks import LanguageModel, NetworkConfig, detach
 from pipeline.perplexity import SplitScore, stream_nll
 
 CHECK_EVERY = 50  # steps between host-side loss checks (a .item() is a GPU sync)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became non-finite: the message names the lr and the clip to change."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -181,19 +186,29 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
+class Step(NamedTuple):
+    """What one optimizer step returns; tensors stay on the device (no host sync)."""
+
+    loss: torch.Tensor  # mean loss of the chunk, nats per token
+    grad_norm: torch.Tensor  # global gradient norm before clipping, in the unit of `loss`
+    state: object  # the carried state, detached
+
+
 def train_step(model: LanguageModel, opt: torch.optim.Optimizer, xb: torch.Tensor,
-               yb: torch.Tensor, state, *, cfg: TrainConfig, autocast: bool):
-    """One optimizer step on a (B, T) chunk; returns (mean loss in nats per token, as a
-    detached tensor: no host sync, the carried state, detached)."""
+               yb: torch.Tensor, state, *, cfg: TrainConfig, autocast: bool) -> Step:
+    """One optimizer step on a (B, T) chunk."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         _, loss, state = model(xb, yb, state)  # loss: mean over B x T tokens
     opt.zero_grad(set_to_none=True)
     # time_sum: summed over the T unrolled steps, averaged over the batch
     (loss * yb.size(1) if cfg.loss == "time_sum" else loss).backward()
-    if cfg.clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if cfg.clip > 0:  # clip_grad_norm_ returns the norm it measured before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     opt.step()
-    return loss.detach(), detach(state)
+    return Step(loss.detach(), grad_norm.detach(), detach(state))
 
 
 @dataclass
@@ -209,6 +224,7 @@ class Progress:
     history: list = field(default_factory=list)
     segment_losses: list = field(default_factory=list)  # per-step nats since the last
     # validation point (summed with math.fsum)
+    segment_grad_norms: list = field(default_factory=list)  # per-step norms before clipping
     segment_tokens: int = 0
     segment_seconds: float = 0.0
     state: object = None  # the carried recurrent state (tensors) mid-epoch
@@ -254,13 +270,37 @@ def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
     return h.hexdigest()[:20]
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used: damaged, or from another vocabulary."""
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # synced to disk before it replaces `path`
         torch.save(payload, tmp)
 
 
+def check_checkpoint(path: Path) -> None:
+    """Raise CheckpointError if `path` is truncated or damaged (a full disk, a power cut):
+    torch.save writes a zip archive whose members carry CRC-32 checksums, all verified
+    here. The damaged file is moved aside to `<name>.corrupt`, so that the next run does
+    not find it again."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        problem = f"member {bad} fails its CRC check" if bad else None
+    except (zipfile.BadZipFile, EOFError) as exc:
+        problem = f"not a complete zip archive: {exc}"
+    if problem is not None:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({problem}); "
+                              f"moved it to {aside}")
+
+
 def load_checkpoint(path: Path, device: str = "cpu") -> dict:
-    """A checkpoint as plain data and tensors (weights_only: no code is unpickled)."""
+    """A checkpoint as plain data and tensors (weights_only: no code is unpickled).
+    Raises CheckpointError for a damaged file (see check_checkpoint)."""
+    check_checkpoint(path)
     return torch.load(path, weights_only=True, map_location=device)
 
 
@@ -284,7 +324,13 @@ class ResumePoint:
         """The saved Progress (model, optimizer and RNG restored), or None to start over."""
         if not self.path.exists():
             return None
-        ckpt = load_checkpoint(self.path)  # on the CPU: RNG states must stay there
+        try:
+            ckpt = load_checkpoint(self.path)  # on the CPU: RNG states must stay there
+            if ckpt.get("fingerprint") == self.key and ckpt.get("progress", {}).get("history"):
+                check_checkpoint(self.path.with_name("best.pt"))  # validated: the run's best
+        except (CheckpointError, FileNotFoundError) as exc:
+            print(f"{exc}: training from scratch", flush=True)
+            return None
         if ckpt.get("fingerprint") != self.key or "progress" not in ckpt:
             print(f"{self.path} belongs to another configuration, data or code: "
                   "training from scratch")
@@ -345,6 +391,7 @@ def train_segment(run: _Run, progress: Progress, until: int,
     """Train from progress.step up to global step `until` (a validation point)."""
     cfg, plan = run.cfg, run.plan
     pending: list[torch.Tensor] = []  # per-step losses still on the device (no host sync)
+    pending_norms: list[torch.Tensor] = []  # per-step gradient norms, likewise
     tick = last_save = time.perf_counter()
 
     def book_time() -> None:
@@ -359,7 +406,9 @@ def train_segment(run: _Run, progress: Progress, until: int,
         # the same however a resume point split it
         if pending:
             progress.segment_losses += torch.stack(pending).double().tolist()
+            progress.segment_grad_norms += torch.stack(pending_norms).double().tolist()
             pending.clear()
+            pending_norms.clear()
         if not math.isfinite(math.fsum(progress.segment_losses)):
             raise TrainingDiverged(
                 f"loss became {math.fsum(progress.segment_losses)} by step {progress.step} "
@@ -374,9 +423,11 @@ def train_segment(run: _Run, progress: Progress, until: int,
             group["lr"] = lr
         cols = plan.chunk(progress.step, cfg.bptt)
         xb, yb = run.x[:, cols].to(run.device), run.y[:, cols].to(run.device)  # (B, T)
-        loss, progress.state = train_step(run.model, run.opt, xb, yb, progress.state,
-                                          cfg=cfg, autocast=run.autocast)
+        loss, grad_norm, progress.state = train_step(run.model, run.opt, xb, yb,
+                                                     progress.state, cfg=cfg,
+                                                     autocast=run.autocast)
         pending.append(loss * yb.numel())  # nats summed over the chunk's tokens
+        pending_norms.append(grad_norm)
         progress.step += 1
         progress.tokens += yb.numel()
         progress.segment_tokens += yb.numel()
@@ -405,6 +456,7 @@ def train_segment(run: _Run, progress: Progress, until: int,
 def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: int,
              eval_chunk: int, checkpoint_dir: Path, network: NetworkConfig) -> dict:
     """Score the whole valid split; keep best.pt; the epoch-end lr change; a curve point."""
+    started = time.perf_counter()
     valid_nll, valid_tokens = stream_nll(run.model, valid_ids, eval_chunk, eos_id, run.device)
     if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
         raise TrainingDiverged(
@@ -421,6 +473,7 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
         "valid_ppl": valid,
         "lr": scheduled_lr(run.cfg, run.plan, progress.step - 1, progress.lr),
         "tokens_per_s": progress.segment_tokens / max(progress.segment_seconds, 1e-9),
+        **grad_norm_summary(progress.segment_grad_norms, run.cfg.clip),
     }
     progress.history.append(record)
     if valid < progress.best_valid:
@@ -434,7 +487,31 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
         improved = progress.best_step > progress.step - spe
         progress.lr = next_lr(run.cfg, epoch, progress.lr, improved)
     progress.segment_losses, progress.segment_tokens, progress.segment_seconds = [], 0, 0.0
+    progress.segment_grad_norms = []
+    record["valid_s"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def grad_norm_summary(norms: list[float], clip: float) -> dict:
+    """The gradient norms (before clipping, in the unit of the loss back-propagated) of
+    the steps since the last validation point: median, max, and the fraction of steps
+    whose norm exceeded `clip` (so were scaled down; 0 when clipping is off)."""
+    return {"grad_norm_median": statistics.median(norms), "grad_norm_max": max(norms),
+            "clipped_fraction": sum(n > clip for n in norms) / len(norms) if clip > 0 else 0.0}
+
+
+def report_line(plan: Plan, progress: Progress, record: dict) -> str:
+    """One line per validation point, for logs: where the run is, and an ETA from the
+    training seconds per step and the validation seconds so far (both measured here)."""
+    steps_left = plan.total_steps - progress.step
+    evals_left = sum(s > progress.step for s in plan.eval_steps)
+    valid_s = statistics.mean(r["valid_s"] for r in progress.history if "valid_s" in r)
+    eta = steps_left * progress.seconds / progress.step + evals_left * valid_s
+    return (f"step {progress.step}/{plan.total_steps} (epoch {record['epoch']:.2f}): "
+            f"valid ppl {record['valid_ppl']:.2f}, train ppl {record['train_ppl']:.2f}, "
+            f"{record['tokens_per_s']:,.0f} tok/s, validation {record['valid_s']:.1f} s, "
+            f"grad norm median {record['grad_norm_median']:.3g}; "
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))} (validation included)")
 
 
 def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.ndarray,
@@ -469,10 +546,12 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
                    resume, stop, bar)
         while progress.step < plan.total_steps:
             train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
-            validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
-                     eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
-                     network=network)
+            record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
+                              eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
+                              network=network)
             resume.save(model, opt, progress)
+            bar.write(report_line(plan, progress, record))
+            sys.stdout.flush()  # logs see it now
             if on_eval is not None:
                 on_eval(progress.history)  # the curve so far, `record` last
             if stop.requested and progress.step < plan.total_steps:
@@ -487,10 +566,14 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
 
 def load_model(path: Path, device: str = "cpu",
                vocab_digest: str | None = None) -> LanguageModel:
-    """The model of a best checkpoint; refuses one trained on another vocabulary."""
-    ckpt = load_checkpoint(path, device)
+    """The model of a best checkpoint; refuses one trained on another vocabulary, or a
+    damaged one (moved aside: `dvc repro` then sees the output missing and rebuilds it)."""
+    try:
+        ckpt = load_checkpoint(path, device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; rerun `dvc repro` to publish it again") from None
     if vocab_digest is not None and ckpt.get("vocab_digest") != vocab_digest:
-        raise ValueError(f"{path} was trained on another vocabulary; retrain it")
+        raise CheckpointError(f"{path} was trained on another vocabulary; retrain it")
     model = LanguageModel(NetworkConfig(**ckpt["network"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model

@@ -73,7 +73,7 @@ def prepared(tmp_path_factory, mirror):
 
 @dataclasses.dataclass(frozen=True)
 class PipelineRun:
-    repo: Path  # tests may change it, in file order (see tests/test_pipeline.py)
+    repo: Path  # read only: a test that changes the workspace works on a clone()
     env: dict
     log: str  # what the first `dvc repro` printed
     values: dict  # tests.regression.collect() right after it
@@ -92,17 +92,26 @@ class PipelineRun:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, mirror) -> PipelineRun:
     """`dvc repro` of the regression configuration (tests/regression.yaml), once per session,
-    committed (dvc exp needs a commit)."""
+    committed (dvc exp needs a commit). No test changes it: a test that changes the
+    workspace works on a clone(). LMB_PIPELINE_RUN=<folder> reuses the run that
+    `python -m tests.regression --keep <folder>` left there (when iterating on tests)."""
     from tests import regression
 
-    root = tmp_path_factory.mktemp("pipeline")
-    repo, env = regression.make_workspace(root, mirror)
-    done = regression.repro(repo, env)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, f"dvc repro failed:\n{log[-4000:]}"
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True, capture_output=True)
-    subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=repo, check=True)
+    kept = os.environ.get("LMB_PIPELINE_RUN")
+    if kept:
+        root = Path(kept).resolve()
+        repo, env, log = root / "repo", regression.workspace_env(root), \
+            (root / "repro.log").read_text()
+    else:
+        root = tmp_path_factory.mktemp("pipeline")
+        repo, env = regression.make_workspace(root, mirror)
+        done = regression.repro(repo, env)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, f"dvc repro failed:\n{log[-4000:]}"
     template = root / "template"
-    shutil.copytree(repo, template, symlinks=True)
+    if not template.exists():
+        subprocess.run([*git, "add", "-A"], cwd=repo, check=True, capture_output=True)
+        subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=repo, check=True)
+        shutil.copytree(repo, template, symlinks=True)
     return PipelineRun(repo, env, log, regression.collect(repo), template)

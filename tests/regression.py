@@ -5,16 +5,24 @@
                                           # (= make regression-baseline; commit the result)
 
 `dvc repro` runs in a temporary copy of the repository with tests/regression.yaml
-merged over params.yaml: the synthetic corpus (100k training tokens) and the first
-lines of PTB from the mirror (as a `custom` corpus), KN 2- and 3-grams and every
-neural model kind, small, for 2 epochs, on one CPU thread, so every number is
-deterministic. Every model's metrics file is then compared with
-tests/regression_baseline.json:
+merged over params.yaml: the synthetic corpus (100k training tokens), the first
+lines of PTB from the mirror (as a `custom` corpus), Tiny Shakespeare (characters)
+and PTB, KN 2-, 3- and 5-grams and every neural model kind, small, on one CPU
+thread, so every number is deterministic. Then, for every corpus/model row the run
+configured (whatever corpora and models that is), its metrics file, its sample and
+its leaderboard and report rows are compared with tests/regression_baseline.json:
 
-    token counts, vocabulary size, epochs    exactly
-    n-gram perplexities                      within TOLERANCE["ngram"] (relative)
-    neural perplexities                      within TOLERANCE["neural"] (relative)
+    token counts, vocabulary (size, digest),  exactly
+    level, epochs, training tokens, size
+    (parameters or n-grams)
+    n-gram perplexities and bits per char    within TOLERANCE["ngram"] (relative)
+    neural perplexities and bits per char    within TOLERANCE["neural"] (relative)
     the synthetic corpus's floor             within TOLERANCE["floor"] (relative)
+    sample text (same seed, temperature      exactly
+    and prompt), and those settings
+    the leaderboard's published-reference    exactly (text); "ours - published"
+    cells and the report's "ours -           within the row's tolerance of its test
+    published" cell                          perplexity, plus the 0.01 it is rounded to
 
 plus one check that needs no baseline: the KN 3-gram on the synthetic corpus
 stays within MAX_OVER_FLOOR of the source's entropy floor. A stage that fails
@@ -25,13 +33,16 @@ tests/test_regression.py runs this in CI.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +58,14 @@ BIN = Path(sys.executable).parent
 PTB_SLICE_LINES = {"train": 4000, "valid": 400, "test": 400}
 TOLERANCE = {"ngram": 1e-4, "neural": 0.01, "floor": 1e-9}
 EXACT = ("valid_tokens", "test_tokens", "vocab_size", "epochs")
+# from the metrics files: compared within the row family's TOLERANCE, or exactly
+APPROXIMATE = ("valid_ppl", "test_ppl", "valid_bpc", "test_bpc")
+METRICS = (*APPROXIMATE, *EXACT, "level", "vocab_digest", "train_tokens", "size", "size_unit")
+SAMPLE_SETTINGS = ("seed", "temperature", "prompt", "length")
+DIFFERENCE = ("leaderboard_difference", "report_difference")  # "ours - published", rendered
+LEADERBOARD_COLUMNS = {"published test ppl (source)": "leaderboard_published",
+                       "ours − published": "leaderboard_difference"}
+REPORT_COLUMNS = {"ours − published": "report_difference"}
 MAX_OVER_FLOOR = 1.15  # synthetic kn3 test ppl / floor (measured 1.09 at 100k train tokens)
 
 
@@ -61,6 +80,11 @@ def merge(base: dict, overlay: dict) -> dict:
     return merged
 
 
+def configuration(params: Path = REPO / "params.yaml") -> dict:
+    """The regression's params: tests/regression.yaml merged over `params`."""
+    return merge(yaml.safe_load(params.read_text()), yaml.safe_load(CONFIG.read_text()))
+
+
 def make_workspace(root: Path, mirror: Path) -> tuple[Path, dict]:
     """A git-initialised copy of the repository under root/repo, configured for the
     regression; returns it and the environment to run DVC in."""
@@ -68,8 +92,9 @@ def make_workspace(root: Path, mirror: Path) -> tuple[Path, dict]:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        # dvc.lock describes the full pipeline, not this one
-        if (REPO / name).is_file() and name != "dvc.lock":
+        # dvc.lock describes the full pipeline, not this one, and reports/ holds its
+        # results: a stage that does not run here must leave no stale file to compare
+        if (REPO / name).is_file() and name != "dvc.lock" and not name.startswith("reports/"):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
     corpus = root / "ptb-slice"
@@ -77,16 +102,21 @@ def make_workspace(root: Path, mirror: Path) -> tuple[Path, dict]:
     for split, n in PTB_SLICE_LINES.items():
         lines = (mirror / "ptb" / f"ptb.{split}.txt").read_text().splitlines(keepends=True)
         (corpus / f"{split}.txt").write_text("".join(lines[:n]))
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()),
-                   yaml.safe_load(CONFIG.read_text()))
+    params = configuration(repo / "params.yaml")
     params["download"]["custom_path"] = str(corpus)
+    params["download"]["mirror"] = str(mirror)  # the real corpora, never the network
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo, workspace_env(root)
+
+
+def workspace_env(root: Path) -> dict:
+    """The environment DVC runs in for the workspace under `root`: its own MLflow store."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DVC_", "MLFLOW_", "LMB_"))}
     env.update(PATH=f"{BIN}:{env['PATH']}", MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # same numbers on any core count
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    return repo, env
+    return env
 
 
 def repro(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -96,22 +126,78 @@ def repro(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def collect(repo: Path) -> dict[str, dict]:
-    """corpus/model -> the compared values, from each model's metrics file (written even
-    when a later stage fails), plus corpus/floor for a corpus with a known source."""
+    """corpus/model -> the compared values of every model the run configured: its metrics
+    file (written even when a later stage fails), its sample, its cells in the rendered
+    leaderboard and report; plus corpus/samples (the sample settings) and corpus/floor
+    (a corpus with a known source). A value whose file is missing is simply absent."""
     values: dict[str, dict] = {}
+    reports = repo / "reports"
+    leaderboard = _markdown_cells(reports / "leaderboard.md", LEADERBOARD_COLUMNS)
+    report = _html_cells(reports / "leaderboard.html", REPORT_COLUMNS)
     for corpus, models in configured_models(repo / "params.yaml").items():
+        samples_file = reports / "samples" / f"{corpus}.json"
+        samples = json.loads(samples_file.read_text()) if samples_file.exists() else {}
         for model in models:
-            path = repo / "reports" / "metrics" / corpus / f"{model}.json"
+            path = reports / "metrics" / corpus / f"{model}.json"
             if path.exists():
                 metrics = json.loads(path.read_text())
                 values[f"{corpus}/{model}"] = {
-                    "family": metrics["family"],
-                    **{k: metrics[k] for k in ("valid_ppl", "test_ppl", *EXACT) if k in metrics}}
+                    "family": metrics["family"], **{k: metrics[k] for k in METRICS if k in metrics},
+                    **leaderboard.get((corpus, model), {}), **report.get((corpus, model), {})}
+                if model in samples.get("samples", {}):
+                    values[f"{corpus}/{model}"]["sample"] = samples["samples"][model]
+        if samples:
+            values[f"{corpus}/samples"] = {"family": "samples",
+                                           **{k: samples[k] for k in SAMPLE_SETTINGS}}
         vocab = repo / "data" / "prepared" / corpus / "vocab.json"
         source = json.loads(vocab.read_text()).get("source") if vocab.exists() else None
         if source:
             values[f"{corpus}/floor"] = {"family": "floor", "floor_ppl": source["floor_ppl"]}
     return values
+
+
+def _cell(text: str) -> float | str:
+    """A rendered cell: its number when it is one ("-0.01", "1,234.5"), else its text."""
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return text
+
+
+def _markdown_cells(path: Path, columns: dict[str, str]) -> dict[tuple[str, str], dict]:
+    """(corpus, model) -> {key: cell} for `columns` (header -> key) of the leaderboard's
+    Markdown tables, one per `## corpus` section."""
+    cells: dict[tuple[str, str], dict] = {}
+    corpus, header = None, None
+    for line in path.read_text().splitlines() if path.exists() else []:
+        if line.startswith("## "):
+            corpus, header = line[3:].strip(), None
+        elif line.startswith("|") and corpus is not None and not line.startswith("|---"):
+            row = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            if header is None:
+                header = row
+            else:
+                cells[corpus, row[0]] = {key: _cell(row[header.index(name)])
+                                         for name, key in columns.items() if name in header}
+    return cells
+
+
+def _html_cells(path: Path, columns: dict[str, str]) -> dict[tuple[str, str], dict]:
+    """The same for the report page's tables, one after each `<h2 id='corpus'>`."""
+    cells: dict[tuple[str, str], dict] = {}
+    page = path.read_text() if path.exists() else ""
+    for section in re.split(r"<h2 id='", page)[1:]:
+        corpus = html.unescape(section.split("'", 1)[0])
+        table = re.search(r"<table>(.*?)</table>", section, re.S)
+        if table is None:
+            continue
+        header = [html.unescape(h) for h in re.findall(r"<th>(.*?)</th>", table.group(1))]
+        for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", table.group(1).split("</thead>")[-1]):
+            row = [html.unescape(c).strip() for c in re.findall(r"<td>(.*?)</td>", tr, re.S)]
+            model = row[0].removeprefix("★ ")
+            cells[corpus, model] = {key: _cell(row[header.index(name)])
+                                    for name, key in columns.items() if name in header}
+    return cells
 
 
 @dataclass(frozen=True)
@@ -135,29 +221,41 @@ def _show(value) -> str:
     if value is None:
         return "missing"
     if isinstance(value, str):
-        return value
+        shown = value.replace("\n", "⏎")
+        return shown if len(shown) <= 48 else shown[:47] + "…"
     return f"{value:,.4f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def compare(now: dict[str, dict], baseline: dict[str, dict]) -> list[Moved]:
     moved = []
     for row in sorted(set(now) | set(baseline)):
         if row not in now or row not in baseline:
-            moved.append(Moved(row, "metrics file", "present" if row in baseline else None,
+            what = "samples file" if row.endswith("/samples") else "metrics file"
+            moved.append(Moved(row, what, "present" if row in baseline else None,
                                "present" if row in now else None, "must exist in both"))
             continue
         family = baseline[row]["family"]
         for key in sorted((set(now[row]) | set(baseline[row])) - {"family"}):
             old, new = baseline[row].get(key), now[row].get(key)
-            if key in EXACT or old is None or new is None:
-                if old != new:
-                    moved.append(Moved(row, key, old, new, "exact"))
-            elif not math.isclose(new, old, rel_tol=TOLERANCE[family]):
-                moved.append(Moved(row, key, old, new, f"±{100 * TOLERANCE[family]:g}%"))
+            numbers = _number(old) and _number(new)
+            if numbers and key in DIFFERENCE and "test_ppl" in now[row]:
+                # ours - published moves with our test ppl; rendered to 0.01
+                allowed = TOLERANCE[family] * now[row]["test_ppl"] + 0.01
+                if abs(new - old) > allowed + 1e-9:
+                    moved.append(Moved(row, key, old, new, f"±{allowed:.3g}"))
+            elif numbers and (key in APPROXIMATE or family == "floor"):
+                if not math.isclose(new, old, rel_tol=TOLERANCE[family]):
+                    moved.append(Moved(row, key, old, new, f"±{100 * TOLERANCE[family]:g}%"))
+            elif old != new:
+                moved.append(Moved(row, key, old, new, "exact"))
     for row, values in now.items():  # the margin to the floor, needing no baseline
         corpus, model = row.split("/")
         floor = now.get(f"{corpus}/floor", {}).get("floor_ppl")
-        if floor and model == "kn3" and values["test_ppl"] > MAX_OVER_FLOOR * floor:
+        if floor and model == "kn3" and values.get("test_ppl", 0) > MAX_OVER_FLOOR * floor:
             moved.append(Moved(row, "test_ppl over the floor", floor * MAX_OVER_FLOOR,
                                values["test_ppl"], f"<= {MAX_OVER_FLOOR} x floor"))
     return moved
@@ -184,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--update", action="store_true",
                         help="write this run's values as the new baseline")
-    parser.add_argument("--keep", type=Path, help="run in this folder and keep it")
+    parser.add_argument("--keep", type=Path,
+                        help="run in this folder and keep it (with repro.log; the tests can "
+                        "reuse it: LMB_PIPELINE_RUN=<folder> pytest ...)")
     args = parser.parse_args(argv)
     from tests.conftest import mirror_path
 
@@ -193,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repo, env = make_workspace(root, mirror_path())
         print(f"regression: dvc repro in {repo} ...", flush=True)
+        started = time.monotonic()
         done = repro(repo, env)
+        print(f"regression: dvc repro took {time.monotonic() - started:.0f} s", flush=True)
+        (root / "repro.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
             print(f"dvc repro failed:\n{(done.stdout + done.stderr)[-3000:]}")
         now = collect(repo)

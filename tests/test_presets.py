@@ -73,8 +73,8 @@ def test_show_prints_every_resolved_setting_with_its_source():
     (lambda t: t["presets"]["quick"]["defaults"].pop("seed"),
      r"missing key train\.presets\.quick\.defaults\.seed"),
     (lambda t: t.update(preset="huge"), r"train\.preset: unknown preset 'huge'"),
-    (lambda t: t.update(models=["lstm", "gru"]),
-     r"train\.models: unknown model 'gru'; known: window, rnn, lstm, lstm2"),
+    (lambda t: t.update(models=["lstm", "transformer"]),
+     r"train\.models: unknown model 'transformer'; known: window, rnn, gru, lstm, lstm2"),
     (lambda t: t.update(device="tpu"), r"train\.device: 'tpu' is not one of"),
 ])
 def test_bad_settings_name_the_key_and_layer(edit, message):
@@ -117,14 +117,14 @@ def published_step(model, x, y, lr, clip) -> float:
     model.zero_grad()
     loss.backward()
     norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())).item()
-    scale = min(1.0, clip / (norm + 1e-6))
+    scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
     with torch.no_grad():
         for p in model.parameters():
             p -= lr * scale * p.grad
     return norm
 
 
-@pytest.mark.parametrize("clip", [5.0, 0.2])  # 0.2: the gradient gets clipped
+@pytest.mark.parametrize("clip", [5.0, 0.2, 0.0])  # 0.2: clipped; 0: clipping off
 def test_one_step_of_the_small_preset_is_the_published_step(clip):
     torch.manual_seed(0)
     spec = train_params().spec("ptb", "lstm2", "small")
@@ -133,10 +133,13 @@ def test_one_step_of_the_small_preset_is_the_published_step(clip):
     ours = LanguageModel(net)
     before, theirs, token_mean = (copy.deepcopy(ours) for _ in range(3))
     x, y = torch.randint(0, 50, (2, tr.batch_size, tr.bptt))
-    train_step(ours, torch.optim.SGD(ours.parameters(), lr=tr.lr), x, y, None, cfg=tr,
-               autocast=False)
+    step = train_step(ours, torch.optim.SGD(ours.parameters(), lr=tr.lr), x, y, None,
+                      cfg=tr, autocast=False)
     norm = published_step(theirs, x, y, lr=tr.lr, clip=tr.clip)
-    assert (norm > clip) == (clip == 0.2)  # both branches of the clip are exercised
+    assert (0 < clip < norm) == (clip == 0.2)  # both branches of the clip are exercised
+    # the norm the learning curve records: before clipping, in the loss's unit, with or
+    # without clipping
+    assert float(step.grad_norm) == pytest.approx(float(norm), rel=1e-5)
     # the same step with the per-token mean loss: lr x T, clip / T
     as_mean = dataclasses.replace(tr, loss="token_mean", lr=tr.lr * tr.bptt,
                                   clip=tr.clip / tr.bptt)

@@ -19,7 +19,32 @@ def test_small_pipeline_matches_the_baseline(pipeline_run):
     passed, text = regression.report(pipeline_run.values, baseline())
     print(text)
     assert passed, text
-    assert {"synthetic/floor", "synthetic/kn3", "custom/lstm2"} <= set(pipeline_run.values)
+    values = pipeline_run.values
+    assert {"synthetic/floor", "synthetic/kn3", "custom/lstm2"} <= set(values)
+
+
+def test_the_check_covers_characters_orders_samples_references_and_sizes(pipeline_run):
+    """What the regression configuration must keep exercising, whatever the baseline says."""
+    values = pipeline_run.values
+    # a character corpus, compared in bits per character too
+    assert values["tinyshakespeare/lstm"]["level"] == "char"
+    assert {"valid_bpc", "test_bpc"} <= set(values["tinyshakespeare/kn5"])
+    # an n-gram order above 3
+    assert values["custom/kn5"]["test_ppl"] > 1
+    # samples under a seed, a temperature and a prompt that are not the defaults
+    settings = values["custom/samples"]
+    assert settings["prompt"] and settings["temperature"] != 1.0
+    assert values["custom/lstm"]["sample"].startswith(settings["prompt"])
+    # a row with a matching published reference: "ours - published" rendered, in the
+    # leaderboard and in the report alike
+    kn5 = values["ptb/kn5"]
+    assert "Mikolov" in kn5["leaderboard_published"]
+    assert isinstance(kn5["leaderboard_difference"], float)
+    assert kn5["report_difference"] == kn5["leaderboard_difference"]
+    assert abs(kn5["leaderboard_difference"]) < 100
+    # sizes: parameter counts of neural models, n-gram counts
+    assert values["custom/lstm"]["size_unit"] == "parameters" and values["custom/lstm"]["size"]
+    assert values["ptb/kn5"]["size_unit"] == "n-grams"
 
 
 def test_dropped_end_of_sentence_fails_with_a_table(pipeline_run, tmp_path):
@@ -29,7 +54,7 @@ def test_dropped_end_of_sentence_fails_with_a_table(pipeline_run, tmp_path):
     assert correct in prepare.read_text()
     prepare.write_text(prepare.read_text().replace(correct, "    return ids[:pos], oov\n"))
     shutil.rmtree(repo / "reports" / "metrics")  # as in a fresh run: no stale metrics
-    regression.repro(repo, env)
+    regression.repro(repo, env, "sample@synthetic", "sample@custom")  # the small corpora
     passed, text = regression.report(regression.collect(repo), baseline())
     print(text)
     assert not passed
@@ -55,8 +80,13 @@ def test_changed_learning_rate_fails_with_a_table(pipeline_run, tmp_path):
     print(text)
     assert not passed
     moved = regression.compare(regression.collect(repo), baseline())
-    # exactly the retrained model moved; on synthetic the corpus layer sets every model's
-    # lr (params.yaml), so its window did not change; everything else still matches
-    assert {m.row for m in moved} == {"custom/window"}
-    assert {m.value for m in moved} <= {"valid_ppl", "test_ppl"}
+    # exactly the retrained models moved: window where its lr comes from the model layer;
+    # where a corpus layer sets every model's lr (params.yaml: synthetic, tinyshakespeare)
+    # window did not change; everything else still matches
+    corpora = regression.configuration()["train"]["presets"]["quick"]["corpora"]
+    retrained = {f"{c}/window" for c in regression.configuration()["corpora"]
+                 if "lr" not in (corpora.get(c) or {})}
+    assert "custom/window" in retrained
+    assert {m.row for m in moved} == retrained
+    assert {m.value for m in moved} <= {"valid_ppl", "test_ppl", "sample"}
     assert "±1%" in text

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ import torch
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.training import (
     Plan,
+    ResumePoint,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
@@ -51,7 +49,7 @@ def train(network, cfg, folder, train_ids=TRAIN, **options):
 
 
 def without_timings(history):
-    return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s")}
+    return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "elapsed_s", "valid_s")}
             for h in history]
 
 
@@ -85,7 +83,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
 
 
-def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path):
+def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     # two validation points an epoch, the lr halved after each epoch: a resume point
     # carries the schedule's state as well as the model's
@@ -93,25 +91,36 @@ def test_ctrl_c_mid_epoch_writes_a_resume_point_that_continues_exactly(tmp_path)
                     lr_decay=2.0, decay_after=1)
     network = net("lstm")
     straight = train(network, cfg, tmp_path / "a")
-    last = tmp_path / "b" / "last.pt"
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, say
+    # a real SIGINT, delivered at a known step: right after the resume point of step 50,
+    # mid-epoch (75 steps an epoch) and between validation points (steps 38 and 75)
+    ctrl_c_after = 50
+    save = ResumePoint.save
 
-    def press_ctrl_c_once_training_is_under_way():
-        deadline = time.monotonic() + 60
-        while not last.exists() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if last.exists():  # never interrupt the test session itself
-            os.kill(os.getpid(), signal.SIGINT)
+    def save_then_press_ctrl_c(self, model, opt, progress):
+        save(self, model, opt, progress)
+        if progress.step == ctrl_c_after:
+            # never interrupt the test session itself: only while training handles SIGINT
+            assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler,
+                                                           handler_before), \
+                "training does not handle SIGINT"
+            signal.raise_signal(signal.SIGINT)
 
-    threading.Thread(target=press_ctrl_c_once_training_is_under_way, daemon=True).start()
+    monkeypatch.setattr(ResumePoint, "save", save_then_press_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="SIGINT"):
         # a resume point after every step, as a long epoch gets one every minute
         train(network, cfg, tmp_path / "b", checkpoint_every_s=1e-9)
-    progress = load_checkpoint(last)["progress"]
-    assert 0 < progress["step"] < 3 * 75  # 75 steps an epoch
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is handler_before  # restored
+    progress = load_checkpoint(tmp_path / "b" / "last.pt")["progress"]
     assert [r["lr"] for r in straight["history"]] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
-    if progress["step"] % 75:  # almost always: mid-epoch, with the state carried so far
-        assert progress["segment_tokens"] > 0 and progress["state"] is not None
+    # stopped at once, mid-epoch, with the loss since the validation point at step 38 and
+    # the recurrent state carried so far (an LSTM: hidden and cell)
+    assert progress["step"] == ctrl_c_after
+    assert [r["step"] for r in progress["history"]] == [38]
+    assert progress["segment_tokens"] == (ctrl_c_after - 38) * 4 * 5
+    assert len(progress["segment_losses"]) == ctrl_c_after - 38
+    assert progress["state"] is not None and len(progress["state"]) == 2
     resumed = train(network, cfg, tmp_path / "b")
     assert without_timings(resumed["history"]) == without_timings(straight["history"])
     assert resumed["best_valid_ppl"] == straight["best_valid_ppl"]
@@ -199,3 +208,17 @@ def test_two_runs_give_the_same_numbers(tmp_path):
     assert without_timings(first["history"]) == without_timings(second["history"])
     a, b = (load_checkpoint(tmp_path / d / "best.pt")["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_norms_are_summarised_per_validation_point(tmp_path):
+    from pipeline.training import grad_norm_summary
+
+    summary = grad_norm_summary([0.1, 3.0, 0.2, 0.5], clip=0.25)
+    assert summary == {"grad_norm_median": pytest.approx(0.35), "grad_norm_max": 3.0,
+                       "clipped_fraction": 0.5}
+    assert grad_norm_summary([9.0], clip=0)["clipped_fraction"] == 0.0  # clipping off
+    history = train(net("lstm"), train_cfg(epochs=2, clip=0.5), tmp_path)["history"]
+    for record in history:
+        assert 0 < record["grad_norm_median"] <= record["grad_norm_max"]
+        assert 0 <= record["clipped_fraction"] <= 1
+        assert record["valid_s"] > 0

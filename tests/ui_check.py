@@ -105,6 +105,45 @@ def screenshot(url: str, out: Path, wait_ms: int = 15000, size: str = "1400,1000
     return out
 
 
+# Colours that only a rendered page puts on screen, each as (red, green, blue) exactly as
+# the page's CSS or its images give them, with the fewest pixels that must show it
+# (measured: about 90,000 and 2,000 on the report at 1400 x 3000; 33,000 for 8 runs in
+# MLflow 3.17's runs table, 0 on its "experiment not found" page). An error page, a
+# blank page, a page without its styles or whose images failed to decode shows none.
+REPORT_COLOURS = {
+    "the best row's highlight (CSS tr.best, #e8f5e9)": ((0xE8, 0xF5, 0xE9), 5_000),
+    "the plots' first series (matplotlib's tab:blue, in the page's PNG images)":
+        ((0x1F, 0x77, 0xB4), 300),
+}
+MLFLOW_COLOURS = {
+    "the runs table's sorted column (#f1f9ff)": ((0xF1, 0xF9, 0xFF), 10_000),
+}
+
+
+def colour_pixels(png: Path, colours: dict[str, tuple]) -> dict[str, int]:
+    """How many pixels of the screenshot have each of `colours` (name -> (rgb, _)), exactly."""
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(png) as image:
+        rgb = image.convert("RGB")
+        counts = {colour: n for n, colour in rgb.getcolors(maxcolors=rgb.width * rgb.height)}
+    return {name: counts.get(colour, 0) for name, (colour, _) in colours.items()}
+
+
+def assert_shows(png: Path, colours: dict[str, tuple]) -> None:
+    """The screenshot shows each of `colours` (name -> (rgb, at least this many pixels))."""
+    found = colour_pixels(png, colours)
+    missing = {name: n for name, n in found.items() if n < colours[name][1]}
+    assert not missing, (f"{png} does not show " + "; ".join(
+        f"{name} ({n} pixels, want {colours[name][1]})" for name, n in missing.items()))
+
+
+def static_html(url: str) -> str:
+    """The page as served, before any script ran."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read().decode("utf-8", "replace")
+
+
 def experiment_url(url: str, name: str) -> str:
     experiment = rest(url, f"experiments/get-by-name?experiment_name={name}")["experiment"]
     return f"{url}/#/experiments/{experiment['experiment_id']}/runs"  # the runs table
