@@ -93,7 +93,7 @@ REFERENCES: tuple[Reference, ...] = (
               not_comparable=NOT_PUBLISHED),
     Reference("ptb", "gru", "GRU, about 13M parameters, tied, SGD", None, 92.48,
               "Bai et al. 2018, table 1",
-              not_comparable="context: a larger model (about 13M parameters), "
+              not_comparable="a larger model (about 13M parameters), "
               "configuration not published in full"),
     _zaremba("small", units=200, dropout=0.0, init_range=0.1, bptt=20, epochs=13,
              lr_decay=2.0, decay_after=4, clip=5.0, valid=120.7, test=114.5,
