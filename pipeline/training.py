@@ -117,15 +117,31 @@ class TrainConfig:
         return problems
 
 
-def batchify(ids: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (batch_size, L): contiguous columns of the stream."""
-    stream = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    length = (len(stream) - 1) // batch_size
-    if length < 1:
-        raise ValueError(f"{len(stream)} tokens cannot fill a batch of {batch_size} columns")
-    x = stream[: length * batch_size].view(batch_size, length)
-    y = stream[1 : length * batch_size + 1].view(batch_size, length)
-    return x, y
+@dataclass(frozen=True)
+class Columns:
+    """The training stream as B contiguous columns of L tokens (the diagram above), read
+    from the split's id array, a read-only memory map, one chunk at a time: only a
+    step's tokens are ever copied, so a split larger than memory trains.
+    Column c holds stream[c*L : (c+1)*L]; its targets are shifted by one."""
+
+    ids: np.ndarray  # the split's token ids, in order
+    length: int  # L: tokens per column
+    rows: range  # the columns this process reads: all B, or one rank's B/N
+
+    @classmethod
+    def of(cls, ids: np.ndarray, batch_size: int, rows: slice = slice(None)) -> Columns:
+        length = (len(ids) - 1) // batch_size
+        if length < 1:
+            raise ValueError(f"{len(ids)} tokens cannot fill a batch of {batch_size} columns")
+        return cls(ids, length, range(batch_size)[rows])
+
+    def chunk(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (rows, T) int64: positions `cols` of every column."""
+        starts = np.asarray(self.rows, dtype=np.int64) * self.length  # (R,)
+        index = starts[:, None] + np.arange(cols.start, cols.stop)[None, :]  # (R, T)
+        x = torch.from_numpy(np.asarray(self.ids[index], dtype=np.int64))  # (R, T)
+        y = torch.from_numpy(np.asarray(self.ids[index + 1], dtype=np.int64))  # (R, T)
+        return x, y
 
 
 @dataclass(frozen=True)
@@ -268,8 +284,9 @@ def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
     (Scoring code may change: a finished run is then only re-scored.)"""
     h = hashlib.sha256()
     h.update(json.dumps([asdict(net_cfg), asdict(cfg), extra], sort_keys=True).encode())
-    h.update(np.ascontiguousarray(train_ids).tobytes())
-    h.update(np.ascontiguousarray(valid_ids).tobytes())
+    for ids in (train_ids, valid_ids):  # a memory map, hashed a block at a time
+        for start in range(0, len(ids), 1 << 22):
+            h.update(np.ascontiguousarray(ids[start : start + (1 << 22)]).tobytes())
     for module in ("networks.py", "training.py", "distributed.py"):
         h.update((Path(__file__).parent / module).read_bytes())
     return h.hexdigest()[:20]
@@ -416,8 +433,7 @@ class _Run:
     opt: torch.optim.Optimizer
     cfg: TrainConfig
     plan: Plan
-    x: torch.Tensor  # (B/N, L) inputs: this rank's columns (all B in one process)
-    y: torch.Tensor  # (B/N, L) targets
+    columns: Columns  # this rank's columns of the training stream (all B in one process)
     device: str
     autocast: bool
     resume: ResumePoint
@@ -464,7 +480,7 @@ def train_segment(run: _Run, progress: Progress, until: int,
         for group in run.opt.param_groups:
             group["lr"] = lr
         cols = plan.chunk(progress.step, cfg.bptt)
-        xb, yb = run.x[:, cols].to(run.device), run.y[:, cols].to(run.device)  # (B/N, T)
+        xb, yb = (t.to(run.device) for t in run.columns.chunk(cols))  # (B/N, T) each
         loss, grad_norm, progress.state = train_step(run.trainer or run.model, run.opt, xb,
                                                      yb, progress.state, cfg=cfg,
                                                      autocast=run.autocast)
@@ -598,10 +614,8 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
     opt = make_optimizer(model, cfg)
     if world.rank > 0:  # dropout masks of their own (rank 0 draws as one process does)
         torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * world.rank)
-    x, y = batchify(train_ids, cfg.batch_size)  # (B, L)
-    plan = Plan.make(x.size(1), cfg)
-    if world.distributed:
-        x, y = x[cols].clone(), y[cols].clone()  # (B/N, L); the rest is freed
+    columns = Columns.of(train_ids, cfg.batch_size, cols)  # B/N of the B columns of L
+    plan = Plan.make(columns.length, cfg)
     resume = ResumePoint(checkpoint_dir / "last.pt",
                          fingerprint(network, cfg, train_ids, valid_ids, extra), extra, world)
     progress = resume.load(model, opt, device)
@@ -616,7 +630,7 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
     bar = tqdm(total=plan.total_steps, initial=progress.step, unit=" step", leave=False,
                disable=None if world.is_main else True)  # None: no bar in logs
     with _StopOnSignal() as stop, bar:
-        run = _Run(model, opt, cfg, plan, x, y, device, bf16 and device.startswith("cuda"),
+        run = _Run(model, opt, cfg, plan, columns, device, bf16 and device.startswith("cuda"),
                    resume, stop, bar, world, wrap(model, world))
         while progress.step < plan.total_steps:
             train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
