@@ -244,6 +244,7 @@ def test_wikitext103_archive_downloads_and_prepares(tmp_path, monkeypatch):
     lines = {"train": article * 40, "valid": article[:4] * 3, "test": article[1:] * 2}
     mirror = tmp_path / "mirror"
     archive = wikitext_zip(mirror / "wikitext-103-v1.zip", lines)
+    monkeypatch.setenv("LMB_MIRROR", str(mirror))  # the environment's mirror would win
     # the published MD5 and line counts are of the real archive: this one fails them ...
     with pytest.raises(DownloadError, match="md5 .* does not match the published"):
         download_corpus("wikitext103", tmp_path / "raw", download_params(str(mirror)))
