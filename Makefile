@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-d
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
 .PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
-	screenshots reproduce-small clean exp
+	screenshots reproduce-small clean exp team-server-deps team-server-test push pull
 
 setup: $(VENV)/.installed kenlm
 
@@ -91,6 +91,36 @@ reproduce-small: setup
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
+
+# A team's tracking server (notes in the README, "scaling out"): tests/test_team_server.py
+# starts a real PostgreSQL server (Debian's postgresql, installed here when run as root)
+# and `mlflow server` on it, runs the tiny pipeline into it and checks every run and
+# metric history through the REST API. 1.5 to 3 minutes on 2 cores, so `make test` (CI)
+# skips it unless LMB_TEAM_SERVER=1; this target runs it.
+team-server-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's postgresql (for the team tracking server's test)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	  else \
+	    echo "the team server's test needs PostgreSQL; install it as root: sudo apt-get install postgresql"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+team-server-test: setup team-server-deps
+	PATH="$(abspath $(BIN)):$$PATH" LMB_TEAM_SERVER=1 $(BIN)/python -m pytest -p no:randomly \
+	  tests/test_team_server.py
+
+# Shared DVC storage (a remote set once with `dvc remote add -d ...`; see the README): send
+# this checkout's cached outputs (corpora, n-gram binaries, models) to it, or fetch them
+# on another machine instead of rebuilding them (`make pull run` reruns nothing).
+push: setup
+	$(BIN)/dvc push
+
+pull: setup
+	$(BIN)/dvc pull
 
 # MLflow UI on the local store, loopback only.
 ui: setup

@@ -8,6 +8,10 @@
 
 One vocabulary per corpus, from the training split only. `<unk>` is an ordinary
 item of it, and <eos> is predicted and counted like any other token.
+
+The id arrays are memory-mapped, never loaded whole (`PreparedCorpus.ids`), and
+read in pieces of whole lines (`line_chunks`), so a corpus larger than memory
+(WikiText-103 and beyond) is read with bounded memory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class DataError(UserError, ValueError):
 EOS = "<eos>"
 UNK = "<unk>"
 VOCAB_FILE = "vocab.json"
+CHUNK_TOKENS = 1 << 20  # ids read at a time by `line_chunks`
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -83,20 +88,42 @@ class PreparedCorpus:
         return Vocabulary(tuple(meta["tokens"]), meta["level"])
 
     def ids(self, split: str) -> np.ndarray:
-        return np.load(self.folder / f"{split}.npy", mmap_mode="r")
+        """The split's ids, memory-mapped read-only (pages are read as they are used)."""
+        return np.load(split_path(self.folder, split), mmap_mode="r")
+
+    def line_chunks(self, split: str, tokens: int = CHUNK_TOKENS) -> Iterator[np.ndarray]:
+        """The split's ids in consecutive pieces of whole lines (each ends with <eos>),
+        about `tokens` long (longer where one line is): memory holds one piece."""
+        ids, eos = self.ids(split), self.vocabulary().eos_id
+        start = 0
+        while start < len(ids):
+            piece = np.asarray(ids[start:start + tokens])
+            ends = np.flatnonzero(piece == eos)
+            while not len(ends) and start + len(piece) < len(ids):  # a line longer than that
+                piece = np.asarray(ids[start:start + 2 * len(piece)])
+                ends = np.flatnonzero(piece == eos)
+            if not len(ends):
+                raise DataError(f"{split_path(self.folder, split)}: the last line has no "
+                                "<eos> (rerun prepare)")
+            yield piece[:ends[-1] + 1]
+            start += int(ends[-1]) + 1
 
     def sentences(self, split: str) -> Iterator[np.ndarray]:
         """Yield each line's ids without its <eos> (for sentence-level n-gram scoring)."""
-        ids = np.asarray(self.ids(split))
-        ends = np.flatnonzero(ids == self.vocabulary().eos_id)
-        start = 0
-        for end in ends:
-            yield ids[start:end]
-            start = end + 1
+        eos = self.vocabulary().eos_id
+        for piece in self.line_chunks(split):
+            start = 0
+            for end in np.flatnonzero(piece == eos):
+                yield piece[start:end]
+                start = end + 1
+
+
+def split_path(folder: Path, split: str) -> Path:
+    return folder / f"{split}.npy"
 
 
 def write_split(folder: Path, split: str, ids: np.ndarray) -> None:
-    with atomic_path(folder / f"{split}.npy") as tmp:
+    with atomic_path(split_path(folder, split)) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, ids)
 

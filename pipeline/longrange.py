@@ -32,10 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_path, write_json
-from pipeline.corpora import SPLITS
 from pipeline.params import require
-from pipeline.synthetic import SOURCE_FILE
+from pipeline.synthetic import write_splits
 
 QUERY = "q"
 
@@ -127,16 +125,8 @@ def generate_corpus(out: Path, params: LongRangeParams) -> dict:
     summary: dict = {"params": asdict(params), "order": None, "entropy_nats": entropy,
                      "entropy_bits": entropy / math.log(2), "floor_ppl": math.exp(entropy),
                      "dependencies": dependencies_of(params), "splits": {}}
-    with atomic_path(out, directory=True) as staging:
-        for index, (split, size) in enumerate(zip(SPLITS, params.tokens, strict=True)):
-            rng = np.random.default_rng([params.seed, 1 + index])  # one generator per split
-            lines, nll = source.sample(size, rng)
-            tokens = sum(len(line) + 1 for line in lines)
-            text = "".join(" ".join(words[w] for w in line) + "\n" for line in lines)
-            (staging / f"{split}.txt").write_text(text, encoding="utf-8")
-            summary["splits"][split] = {"tokens": tokens, "nll_nats": nll,
-                                        "ppl": math.exp(nll / tokens)}
-        write_json(staging / SOURCE_FILE, summary)
+    write_splits(out, source=source, words=words, sizes=params.tokens, seed=params.seed,
+                 summary=summary)
     print(f"longrange: entropy {entropy:.4f} nats/token, best achievable perplexity "
           f"{math.exp(entropy):.3f}; floor at the dependent positions "
           f"{source.answer_entropy:.3f} nats")

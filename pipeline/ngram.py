@@ -9,11 +9,17 @@ sentence by sentence (each sentence starts from KenLM's <s> context; its </s> is
 our <eos>, predicted and counted). Tokens are handed to KenLM as `t<id>`: the
 same vocabulary as every other model, with no whitespace or `<unk>` clashes
 (KenLM reserves the literal `<unk>`), for word and character corpora alike.
+
+Large corpora: the training text is written from the memory-mapped ids a chunk
+at a time, lmplz sorts in at most `memory` and on disk beyond it (in `temp_dir`;
+the model is the same), `prune` drops rare high-order n-grams, and `binary` picks
+a smaller trie, optionally quantized, for models too large for a probing table.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import tempfile
@@ -34,6 +40,10 @@ from pipeline.params import load_section, require
 from pipeline.perplexity import SplitScore
 
 EVAL_SPLITS = ("valid", "test")
+# build_binary arguments per `binary` param: probing (its default, fastest, largest), trie
+# (about a third of probing's memory, same scores), trie-q8 (8-bit quantized
+# probabilities and backoffs: smaller still, and the scores move a little)
+BINARY_ARGS = {"probing": [], "trie": ["trie"], "trie-q8": ["-q", "8", "-b", "8", "trie"]}
 
 
 class NgramError(UserError, RuntimeError):
@@ -44,7 +54,13 @@ class NgramError(UserError, RuntimeError):
 class NgramParams:
     orders: tuple[int, ...]
     discount_fallback: tuple[str, ...]  # corpora opted in to KenLM's fallback discounts
-    memory: str  # lmplz -S, e.g. "1G" or "20%"
+    memory: str  # lmplz -S (and build_binary -S for a trie), e.g. "1G" or "20%"
+    # The scale options below are required in params.yaml like every key (the loader
+    # rejects a missing one); these values, which change nothing, serve code that builds
+    # params by hand (tests, benchmarks).
+    temp_dir: str = ""  # folder of the stage's temporary files (lmplz -T); "" = the system's
+    prune: tuple[int, ...] = ()  # lmplz --prune thresholds from unigrams up; () = none
+    binary: str = "probing"  # a key of BINARY_ARGS
 
     def validate(self, key: str) -> None:
         # kenlm.Model loads orders 2..6 (an order-1 ARPA is refused; 6 is its compiled maximum)
@@ -52,6 +68,23 @@ class NgramParams:
             require(2 <= order <= 6, f"{key}.orders", f"each order must be 2..6, got {order}")
         require(bool(re.fullmatch(r"\d+[%bKMGT]?", self.memory)), f"{key}.memory",
                 f"expected a size like 1G or 20%, got {self.memory!r}")
+        prune = list(self.prune)
+        require(not prune or (prune[0] == 0 and all(t >= 0 for t in prune)
+                              and prune == sorted(prune)), f"{key}.prune",
+                "expected non-decreasing counts starting with 0 (KenLM does not prune "
+                f"unigrams), e.g. [0, 0, 1], or [] for none; got {prune}")
+        require(self.binary in BINARY_ARGS, f"{key}.binary",
+                f"expected one of {', '.join(BINARY_ARGS)}, got {self.binary!r}")
+        require(not self.temp_dir or os.path.isdir(os.path.expanduser(self.temp_dir)),
+                f"{key}.temp_dir", f"no folder at {self.temp_dir!r}")
+
+    def prune_args(self, order: int) -> list[str]:
+        """lmplz's --prune for a model of `order`: a threshold per order (the last given
+        applies to the orders above it); none if nothing would be pruned."""
+        if not any(self.prune):
+            return []
+        thresholds = [self.prune[min(n, len(self.prune) - 1)] for n in range(order)]
+        return ["--prune", *map(str, thresholds)] if any(thresholds) else []
 
 
 def kenlm_word(token_id: int) -> str:
@@ -63,16 +96,21 @@ def kenlm_sentence(ids: np.ndarray) -> str:
 
 
 def write_training_text(data: PreparedCorpus, path: Path) -> None:
+    """One line of `kenlm_sentence` per train line, written a chunk of lines at a time."""
+    words = [kenlm_word(i) for i in range(data.meta["vocab_size"])]
+    words[data.vocabulary().eos_id] = "\n"
     with open(path, "w", encoding="ascii") as f:
-        for sentence in data.sentences("train"):
-            f.write(kenlm_sentence(sentence))
-            f.write("\n")
+        for piece in tqdm(data.line_chunks("train"), desc="write train text", unit=" chunk",
+                          leave=False, disable=None):
+            # "t1 t2 \n t3 \n" -> "t1 t2\nt3\n": words hold no space or line break
+            text = " ".join([words[i] for i in piece.tolist()])
+            f.write(text.replace(" \n", "\n").replace("\n ", "\n"))
 
 
 def estimate_arpa(corpus: str, text: Path, arpa: Path, order: int, memory: str,
-                  discount_fallback: bool, tmp: Path) -> None:
+                  discount_fallback: bool, tmp: Path, prune: list[str] = ()) -> None:
     cmd = [str(tool_path("lmplz")), "-o", str(order), "-S", memory, "-T", f"{tmp}/",
-           "--text", str(text), "--arpa", str(arpa)]
+           "--text", str(text), "--arpa", str(arpa), *prune]
     if discount_fallback:
         cmd.append("--discount_fallback")
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -140,16 +178,21 @@ def build_ngram(corpus: str, order: int, data_dir: Path, model_path: Path,
     data = PreparedCorpus(data_dir)
     level = data.meta["level"]
     fallback = corpus in params.discount_fallback
+    prune = params.prune_args(order)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ngram-") as tmp_name:
+    temp_dir = os.path.expanduser(params.temp_dir) if params.temp_dir else None
+    with tempfile.TemporaryDirectory(prefix="ngram-", dir=temp_dir) as tmp_name:
         tmp = Path(tmp_name)
         text, arpa = tmp / "train.txt", tmp / "model.arpa"
         write_training_text(data, text)
-        print(f"{corpus} {ngram_name(order)}: lmplz -o {order}")
-        estimate_arpa(corpus, text, arpa, order, params.memory, fallback, tmp)
+        print(f"{corpus} {ngram_name(order)}: lmplz -o {order} {' '.join(prune)}".rstrip())
+        estimate_arpa(corpus, text, arpa, order, params.memory, fallback, tmp, prune)
         counts = arpa_counts(arpa)
+        # a trie is sorted on disk like lmplz's n-grams: the same memory and folder
+        sort_args = ["-S", params.memory, "-T", f"{tmp}/"] if params.binary != "probing" else []
         with atomic_path(model_path) as tmp_model:
-            done = subprocess.run([str(tool_path("build_binary")), str(arpa), str(tmp_model)],
+            done = subprocess.run([str(tool_path("build_binary")), *sort_args,
+                                   *BINARY_ARGS[params.binary], str(arpa), str(tmp_model)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise NgramError(f"build_binary failed (exit {done.returncode}): "
@@ -160,13 +203,17 @@ def build_ngram(corpus: str, order: int, data_dir: Path, model_path: Path,
         "corpus": corpus,
         "model": ngram_name(order),
         "family": "ngram",
-        "description": f"interpolated modified Kneser-Ney {order}-gram (KenLM lmplz)",
+        "description": f"interpolated modified Kneser-Ney {order}-gram (KenLM lmplz)"
+                       + (f", pruned ({' '.join(prune[1:])})" if prune else "")
+                       + (", 8-bit quantized" if params.binary == "trie-q8" else ""),
         "level": level,
         "order": order,
         "size": sum(counts.values()),
         "size_unit": "n-grams",
         "ngram_counts": {str(k): v for k, v in sorted(counts.items())},
         "discount_fallback": fallback,
+        "prune": [int(t) for t in prune[1:]],  # lmplz --prune thresholds; [] = none
+        "binary": params.binary,
         "train_seconds": round(build_seconds, 2),
         "device": "cpu",
         "scoring": "per sentence from KenLM's <s> context; </s> = <eos>",
@@ -198,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.corpus} {metrics['model']}: valid ppl {metrics['valid_ppl']:.2f}, "
           f"test ppl {metrics['test_ppl']:.2f} ({metrics['test_tokens']} test tokens)")
     run_params = {"order": args.order, "memory": params.memory,
-                  "discount_fallback": metrics["discount_fallback"]}
+                  "discount_fallback": metrics["discount_fallback"],
+                  "prune": " ".join(map(str, metrics["prune"])) or "none",
+                  "binary": params.binary}
     with tracking.model_run(args.corpus, metrics["model"], "ngram",
                             f"ngram@{args.corpus}-{args.order}", run_params) as run:
         run.log_metrics({k: v for k, v in metrics.items() if k.endswith(

@@ -59,6 +59,7 @@ class TrainParams:
     bf16: bool  # bfloat16 autocast for training on CUDA
     eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
     checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = eval points only
+    nproc: int  # data-parallel ranks on this machine (torchrun); 1 = one plain process
     presets: dict
 
     def validate(self, key: str) -> None:
@@ -71,6 +72,7 @@ class TrainParams:
                 f"must be positive, got {self.eval_chunk}")
         require(self.checkpoint_every_s >= 0, f"{key}.checkpoint_every_s",
                 f"must be >= 0, got {self.checkpoint_every_s}")
+        require(self.nproc >= 1, f"{key}.nproc", f"must be >= 1, got {self.nproc}")
         for name in self.presets:
             self._check_layers(name)
         for model in self.models:  # every combination of the chosen preset must resolve

@@ -134,6 +134,25 @@ class TrigramSource:
         return sentences, nll
 
 
+def write_splits(out: Path, *, source, words: list[str], sizes, seed: int,
+                 summary: dict) -> None:
+    """Sample the three splits of a generated corpus from `source` (its `sample(tokens,
+    rng) -> (lines of word ids, nll in nats)`) and write them, with `summary` plus each
+    split's tokens and nll as source.json, into `out` (atomically: all files or none).
+    One generator per split: resizing train leaves valid and test as they were."""
+    summary["splits"] = {}
+    with atomic_path(out, directory=True) as staging:
+        for index, (split, size) in enumerate(zip(SPLITS, sizes, strict=True)):
+            rng = np.random.default_rng([seed, 1 + index])
+            lines, nll = source.sample(size, rng)
+            tokens = sum(len(line) + 1 for line in lines)  # every <eos> counted
+            text = "".join(" ".join(words[w] for w in line) + "\n" for line in lines)
+            (staging / f"{split}.txt").write_text(text, encoding="utf-8")
+            summary["splits"][split] = {"tokens": tokens, "nll_nats": nll,
+                                        "ppl": math.exp(nll / tokens)}
+        write_json(staging / SOURCE_FILE, summary)
+
+
 def generate_corpus(out: Path, params: SyntheticParams) -> dict:
     """Write the three splits and source.json into `out` (atomically); return the summary."""
     source = TrigramSource(params)
@@ -142,17 +161,8 @@ def generate_corpus(out: Path, params: SyntheticParams) -> dict:
     summary: dict = {"params": asdict(params), "order": ORDER, "entropy_nats": entropy,
                      "entropy_bits": entropy / math.log(2), "floor_ppl": math.exp(entropy),
                      "splits": {}}
-    with atomic_path(out, directory=True) as staging:
-        for index, (split, size) in enumerate(zip(SPLITS, params.tokens, strict=True)):
-            # one generator per split: resizing train leaves valid and test as they were
-            rng = np.random.default_rng([params.seed, 1 + index])
-            sentences, nll = source.sample(size, rng)
-            tokens = sum(len(s) + 1 for s in sentences)
-            text = "".join(" ".join(words[w] for w in s) + "\n" for s in sentences)
-            (staging / f"{split}.txt").write_text(text, encoding="utf-8")
-            summary["splits"][split] = {"tokens": tokens, "nll_nats": nll,
-                                        "ppl": math.exp(nll / tokens)}
-        write_json(staging / SOURCE_FILE, summary)
+    write_splits(out, source=source, words=words, sizes=params.tokens, seed=params.seed,
+                 summary=summary)
     print(f"synthetic: entropy {entropy:.4f} nats/token, best achievable perplexity "
           f"{math.exp(entropy):.3f}; the source scores test ppl "
           f"{summary['splits']['test']['ppl']:.3f} on its own sample")

@@ -7,7 +7,10 @@ stages run in a temporary copy of the repository that DVC deletes afterwards;
 DVC_ROOT then still names the parent repository, so every experiment's runs land
 in the one store, written by several workers at once (hence the retries below).
 The location is not a DVC param on purpose: where runs are recorded does not
-change any result.
+change any result. A team points MLFLOW_TRACKING_URI at an `mlflow server`
+(PostgreSQL backend store, shared artifact root; notes in the README): the
+SQLite-only measures below (the first-access lock, artifact locations beside
+the store) then stay out of the way, and the server keeps the artifacts.
 
 One experiment per corpus, one run per model (`ptb/kn5`), tagged with corpus,
 model, family, preset, git commit and DVC stage so runs can be filtered in the UI.
@@ -85,8 +88,9 @@ def git_commit() -> str:
 
 
 def _retry(action: Callable[[], T], what: str) -> T:
-    """SQLite stores answer 'database is locked' while another run writes; retry a bounded
-    number of times with backoff, then fail with a message naming the store."""
+    """SQLite stores answer 'database is locked' while another run writes (and a tracking
+    server may be briefly unreachable); retry a bounded number of times with backoff, then
+    fail with a message naming the store."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -229,7 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
-    cmd = ["mlflow", "ui", "--backend-store-uri", tracking_uri(), "--host", "127.0.0.1",
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        print(f"MLFLOW_TRACKING_URI is a tracking server: open {uri} in a browser")
+        return
+    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port)]
     print(" ".join(cmd))
     os.execvp(cmd[0], cmd)

@@ -10,6 +10,11 @@ switch the whole pipeline with `dvc exp run -S train.preset=medium`.
 Checkpoints go to --checkpoints (kept across DVC runs, so a killed run resumes),
 the best one (by validation perplexity) is published as --out, and valid/test
 perplexity of that best model come from the one stream scorer.
+
+Data-parallel: `train.nproc: N` makes this stage relaunch itself as N ranks on
+this machine (torchrun --standalone); several machines run torchrun themselves
+with the same arguments (notes in pipeline/distributed.py). Rank 0 alone writes
+the outputs and the MLflow run; the other ranks train and exit.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
@@ -95,15 +101,30 @@ def _raised_in(exc: BaseException, function: str) -> bool:
         exc.__traceback__))
 
 
+def check_ranks(params: TrainParams, corpus: str, model: str, ranks: int) -> None:
+    """ParamsError naming the key unless the batch columns split evenly across ranks."""
+    batch_size = params.spec(corpus, model).training.batch_size
+    if batch_size % ranks:
+        where = params.resolve(corpus, model)["batch_size"][1]
+        raise ParamsError(f"{where}.batch_size: {batch_size} columns cannot be split "
+                          f"evenly across {ranks} ranks (train.nproc, or torchrun's "
+                          f"--nproc-per-node x --nnodes); make it a multiple of {ranks}")
+
+
 def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, out: Path,
-                    curve: Path, params: TrainParams, run=None) -> dict:
-    """Train (or resume) `model` on `corpus`, publish its best checkpoint, return metrics."""
+                    curve: Path, params: TrainParams, run=None,
+                    world: distributed.World = distributed.SINGLE) -> dict | None:
+    """Train (or resume) `model` on `corpus`, publish its best checkpoint, return metrics.
+    Under several ranks (`world`) every rank trains; rank 0 alone publishes, scores and
+    returns the metrics, the others return None."""
     data = PreparedCorpus(data_dir)
     vocab = data.vocabulary()
     if vocab.eos_id != 0:  # the window model's start context is id 0 (see networks.py)
         raise DataError(f"{data_dir}: <eos> must be token id 0 (rerun prepare)")
     spec = params.spec(corpus, model)
-    device = pick_device(params.device)
+    check_ranks(params, corpus, model, world.size)
+    device = distributed.rank_device(pick_device(params.device), world.local_rank) \
+        if world.distributed else pick_device(params.device)
     logged = 0  # curve points already logged to this MLflow run
 
     def on_eval(history: list[dict]) -> None:
@@ -125,14 +146,19 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         raise ParamsError(f"{where}.batch_size: {batch_size} columns need at least "
                           f"{batch_size + 1} training tokens, {corpus}'s train split has "
                           f"{train_tokens} (a corpora.{corpus} entry changes only this corpus)")
-    print(f"{corpus} {model}: training on {device} ({params.preset} preset)", flush=True)
+    ranks = f" x {world.size} ranks" if world.distributed else ""
+    if world.is_main:
+        print(f"{corpus} {model}: training on {device}{ranks} ({params.preset} preset)",
+              flush=True)
     with out_of_memory_advice(corpus, model, device, params):
         result = train_model(network=spec.for_vocabulary(len(vocab)), training=spec.training,
                              train_ids=data.ids("train"), valid_ids=data.ids("valid"),
                              eos_id=vocab.eos_id, checkpoint_dir=checkpoints, device=device,
                              on_eval=on_eval, bf16=params.bf16, extra=extra,
                              eval_chunk=params.eval_chunk,
-                             checkpoint_every_s=params.checkpoint_every_s)
+                             checkpoint_every_s=params.checkpoint_every_s, world=world)
+    if not world.is_main:
+        return None
     history = result["history"]
     on_eval(history)  # a run found finished: its curve, logged and written
     with atomic_path(out) as tmp:
@@ -157,6 +183,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         "scoring": "one stream per split, state carried across chunks",
         "vocab_size": len(vocab),
         "vocab_digest": vocab.digest(),
+        **({"ranks": world.size} if world.distributed else {}),
     }
     best = load_model(out, device, vocab.digest())
     for split in ("valid", "test"):
@@ -186,17 +213,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset:
         params = dataclasses.replace(params, preset=args.preset)
         params.validate("train")
+    if params.nproc > 1 and not distributed.launched():
+        check_ranks(params, args.corpus, args.model, params.nproc)  # one line, not N
+        command = distributed.torchrun_command(
+            params.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
+        print(f"train.nproc {params.nproc}: {' '.join(command)}", flush=True)
+        os.execv(command[0], command)  # the stage becomes torchrun (DVC waits on it)
+    try:
+        with distributed.initialised(pick_device(params.device)) as world:
+            if world.is_main:
+                _train_and_publish(args, params, world)
+            else:  # the other ranks only train: no outputs, no MLflow run
+                train_and_score(args.corpus, args.model, args.data, args.checkpoints,
+                                args.out, args.curve, params, world=world)
+    except TrainingInterrupted as exc:
+        if int(os.environ.get("RANK", 0)) == 0:  # one message, not one per rank
+            print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun `dvc repro` to "
+                  "resume from there", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def _train_and_publish(args: argparse.Namespace, params: TrainParams,
+                       world: distributed.World) -> None:
+    """Rank 0 (or the one process): train in an MLflow run, write the metrics."""
     spec = params.spec(args.corpus, args.model)
     with tracking.model_run(args.corpus, args.model, "neural",
                             f"train@{args.corpus}-{args.model}", spec.flat(),
                             preset=params.preset) as run:
-        try:
-            metrics = train_and_score(args.corpus, args.model, args.data, args.checkpoints,
-                                      args.out, args.curve, params, run)
-        except TrainingInterrupted as exc:
-            print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun `dvc repro` to "
-                  "resume from there", file=sys.stderr)
-            sys.exit(exc.exit_code)
+        metrics = train_and_score(args.corpus, args.model, args.data, args.checkpoints,
+                                  args.out, args.curve, params, run, world)
         # written before the final MLflow calls: a broken store never costs the result
         write_json(args.metrics, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k.startswith(("valid_", "test_"))

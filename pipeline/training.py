@@ -26,6 +26,10 @@ last step), so a one-epoch run still has a learning curve.
 (the vocabulary digest among it) and training code matches; a resumed run
 continues exactly (same batches, state, RNG) and ends with the same numbers.
 Checkpoints are state dicts plus plain data, loadable with weights_only=True.
+
+The same loop runs as one process or as N data-parallel ranks under torchrun
+(`world`, pipeline/distributed.py): each rank trains B/N of the columns, and the
+N ranks together take the one-process steps; rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
+from pipeline.distributed import RANK_SEED_STRIDE, SINGLE, World, wrap
 from pipeline.errors import UserError
 from pipeline.networks import LanguageModel, NetworkConfig, detach
 from pipeline.perplexity import SplitScore, stream_nll
@@ -112,15 +117,31 @@ class TrainConfig:
         return problems
 
 
-def batchify(ids: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (batch_size, L): contiguous columns of the stream."""
-    stream = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    length = (len(stream) - 1) // batch_size
-    if length < 1:
-        raise ValueError(f"{len(stream)} tokens cannot fill a batch of {batch_size} columns")
-    x = stream[: length * batch_size].view(batch_size, length)
-    y = stream[1 : length * batch_size + 1].view(batch_size, length)
-    return x, y
+@dataclass(frozen=True)
+class Columns:
+    """The training stream as B contiguous columns of L tokens (the diagram above), read
+    from the split's id array, a read-only memory map, one chunk at a time: only a
+    step's tokens are ever copied, so a split larger than memory trains.
+    Column c holds stream[c*L : (c+1)*L]; its targets are shifted by one."""
+
+    ids: np.ndarray  # the split's token ids, in order
+    length: int  # L: tokens per column
+    rows: range  # the columns this process reads: all B, or one rank's B/N
+
+    @classmethod
+    def of(cls, ids: np.ndarray, batch_size: int, rows: slice = slice(None)) -> Columns:
+        length = (len(ids) - 1) // batch_size
+        if length < 1:
+            raise ValueError(f"{len(ids)} tokens cannot fill a batch of {batch_size} columns")
+        return cls(ids, length, range(batch_size)[rows])
+
+    def chunk(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (rows, T) int64: positions `cols` of every column."""
+        starts = np.asarray(self.rows, dtype=np.int64) * self.length  # (R,)
+        index = starts[:, None] + np.arange(cols.start, cols.stop)[None, :]  # (R, T)
+        x = torch.from_numpy(np.asarray(self.ids[index], dtype=np.int64))  # (R, T)
+        y = torch.from_numpy(np.asarray(self.ids[index + 1], dtype=np.int64))  # (R, T)
+        return x, y
 
 
 @dataclass(frozen=True)
@@ -263,9 +284,10 @@ def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
     (Scoring code may change: a finished run is then only re-scored.)"""
     h = hashlib.sha256()
     h.update(json.dumps([asdict(net_cfg), asdict(cfg), extra], sort_keys=True).encode())
-    h.update(np.ascontiguousarray(train_ids).tobytes())
-    h.update(np.ascontiguousarray(valid_ids).tobytes())
-    for module in ("networks.py", "training.py"):
+    for ids in (train_ids, valid_ids):  # a memory map, hashed a block at a time
+        for start in range(0, len(ids), 1 << 22):
+            h.update(np.ascontiguousarray(ids[start : start + (1 << 22)]).tobytes())
+    for module in ("networks.py", "training.py", "distributed.py"):
         h.update((Path(__file__).parent / module).read_bytes())
     return h.hexdigest()[:20]
 
@@ -311,17 +333,41 @@ class ResumePoint:
     path: Path
     key: str  # fingerprint()
     extra: dict  # plain data stored with it (corpus, vocabulary digest, ...)
+    world: World = SINGLE  # the ranks that share it
 
     def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
              progress: Progress) -> None:
-        plain = asdict(progress) | {"state": detach(progress.state)}
+        """Write last.pt. Under several ranks every rank calls it (a collective): rank 0
+        gathers the state of all B columns and every rank's RNG, and writes alone."""
+        world = self.world
+        state, rng = world.gather_columns(progress.state), world.gather(_rng_state())
+        if not world.is_main:
+            return
+        plain = asdict(progress) | {"state": detach(state)}
+        ranks = {"world_size": world.size, "rng_ranks": rng} if world.distributed else {}
         save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "rng": _rng_state(), "fingerprint": self.key,
-                                    "progress": plain, **self.extra})
+                                    "rng": rng[0], "fingerprint": self.key,
+                                    "progress": plain, **ranks, **self.extra})
 
     def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
              device: str) -> Progress | None:
-        """The saved Progress (model, optimizer and RNG restored), or None to start over."""
+        """The saved Progress (model, optimizer and RNG restored), or None to start over.
+        Under several ranks rank 0 reads last.pt and broadcasts it; each rank keeps its
+        own columns of the carried state (saved for all B) and its own RNG."""
+        world = self.world
+        ckpt = self._read() if world.is_main else None
+        ckpt = world.broadcast(ckpt)
+        if ckpt is None:
+            return None
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _restore_rng(ckpt, world)
+        progress = Progress(**ckpt["progress"])
+        progress.state = _to_device(world.own_columns(progress.state), device)
+        return progress
+
+    def _read(self) -> dict | None:
+        """The checkpoint if it is intact and of this run (on the CPU), else None."""
         if not self.path.exists():
             return None
         try:
@@ -335,12 +381,22 @@ class ResumePoint:
             print(f"{self.path} belongs to another configuration, data or code: "
                   "training from scratch")
             return None
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
-        progress = Progress(**ckpt["progress"])
-        progress.state = _to_device(progress.state, device)
-        return progress
+        return ckpt
+
+
+def _restore_rng(ckpt: dict, world: World) -> None:
+    """This rank's saved RNG. A checkpoint written by another number of ranks continues
+    the model exactly but not the dropout masks: ranks > 0 then draw anew."""
+    saved = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if len(saved) == world.size:
+        _set_rng_state(saved[world.rank])
+        return
+    _set_rng_state(saved[0])
+    if world.rank > 0:
+        torch.manual_seed(RANK_SEED_STRIDE * world.rank + ckpt["progress"]["step"])
+    if world.is_main:
+        print(f"resume point written by {len(saved)} rank(s), resumed by {world.size}: "
+              "dropout masks differ from an uninterrupted run")
 
 
 class _StopOnSignal:
@@ -373,17 +429,18 @@ class _StopOnSignal:
 class _Run:
     """What train_segment and validate share: the objects of one training run."""
 
-    model: LanguageModel
+    model: LanguageModel  # the weights: state dicts, scoring
     opt: torch.optim.Optimizer
     cfg: TrainConfig
     plan: Plan
-    x: torch.Tensor  # (B, L) inputs
-    y: torch.Tensor  # (B, L) targets
+    columns: Columns  # this rank's columns of the training stream (all B in one process)
     device: str
     autocast: bool
     resume: ResumePoint
     stop: _StopOnSignal
     bar: tqdm
+    world: World = SINGLE
+    trainer: torch.nn.Module | None = None  # what train_step calls: DDP(model) or model
 
 
 def train_segment(run: _Run, progress: Progress, until: int,
@@ -403,9 +460,10 @@ def train_segment(run: _Run, progress: Progress, until: int,
 
     def check_loss() -> None:
         # per-step sums kept as host floats and added with fsum: the segment's loss is
-        # the same however a resume point split it
+        # the same however a resume point split it; summed over ranks here, not per step
         if pending:
-            progress.segment_losses += torch.stack(pending).double().tolist()
+            sums = run.world.sum(torch.stack(pending).double())  # (steps,) nats, all ranks
+            progress.segment_losses += sums.tolist()
             progress.segment_grad_norms += torch.stack(pending_norms).double().tolist()
             pending.clear()
             pending_norms.clear()
@@ -422,17 +480,18 @@ def train_segment(run: _Run, progress: Progress, until: int,
         for group in run.opt.param_groups:
             group["lr"] = lr
         cols = plan.chunk(progress.step, cfg.bptt)
-        xb, yb = run.x[:, cols].to(run.device), run.y[:, cols].to(run.device)  # (B, T)
-        loss, grad_norm, progress.state = train_step(run.model, run.opt, xb, yb,
-                                                     progress.state, cfg=cfg,
+        xb, yb = (t.to(run.device) for t in run.columns.chunk(cols))  # (B/N, T) each
+        loss, grad_norm, progress.state = train_step(run.trainer or run.model, run.opt, xb,
+                                                     yb, progress.state, cfg=cfg,
                                                      autocast=run.autocast)
-        pending.append(loss * yb.numel())  # nats summed over the chunk's tokens
-        pending_norms.append(grad_norm)
+        pending.append(loss * yb.numel())  # nats summed over this rank's chunk tokens
+        pending_norms.append(grad_norm)  # global already: clipped after the all-reduce
         progress.step += 1
-        progress.tokens += yb.numel()
-        progress.segment_tokens += yb.numel()
+        progress.tokens += yb.numel() * run.world.size  # every rank reads as many
+        progress.segment_tokens += yb.numel() * run.world.size
         run.bar.update(1)
-        if progress.step % CHECK_EVERY == 0:
+        checking = progress.step % CHECK_EVERY == 0
+        if checking:
             check_loss()
             book_time()
             mean = math.fsum(progress.segment_losses) / progress.segment_tokens
@@ -440,24 +499,43 @@ def train_segment(run: _Run, progress: Progress, until: int,
                                 tok_s=f"{progress.segment_tokens / progress.segment_seconds:.0f}",
                                 lr=f"{lr:.3g}")
         due = checkpoint_every_s and time.perf_counter() - last_save >= checkpoint_every_s
-        if progress.step < until and (run.stop.requested or due):
+        stop, save = run.stop.requested, bool(run.stop.requested or due)
+        if run.world.distributed:  # ranks agree at check steps only (no per-step sync)
+            stop, save = _agreed(run.world, stop, save) if checking else (None, False)
+        if progress.step < until and save:
             check_loss()
             book_time()
             run.resume.save(run.model, run.opt, progress)
             last_save = time.perf_counter()
-            if run.stop.requested:
+            if not run.world.distributed:
+                stop = run.stop.requested  # a signal during the save counts too
+            if stop:
                 raise TrainingInterrupted(
-                    run.stop.requested, f"stopped at step {progress.step} of "
+                    stop, f"stopped at step {progress.step} of "
                     f"{plan.total_steps}; the resume point is {run.resume.path}")
     check_loss()
     book_time()
 
 
+def _agreed(world: World, stop: str | None, save: bool) -> tuple[str | None, bool]:
+    """The signal any rank got (SIGINT over SIGTERM; None: none), and whether any rank
+    wants a resume point: every rank then saves and stops alike. A collective."""
+    if not world.distributed:
+        return stop, save
+    sigint, sigterm, save = world.any(stop == "SIGINT", stop == "SIGTERM", save)
+    return ("SIGINT" if sigint else "SIGTERM" if sigterm else None), save
+
+
 def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: int,
              eval_chunk: int, checkpoint_dir: Path, network: NetworkConfig) -> dict:
-    """Score the whole valid split; keep best.pt; the epoch-end lr change; a curve point."""
+    """Score the whole valid split; keep best.pt; the epoch-end lr change; a curve point.
+    Under several ranks rank 0 scores (one stream) and broadcasts the score, so every
+    rank takes the same decisions; the others wait."""
     started = time.perf_counter()
-    valid_nll, valid_tokens = stream_nll(run.model, valid_ids, eval_chunk, eos_id, run.device)
+    score = None
+    if run.world.is_main:
+        score = stream_nll(run.model, valid_ids, eval_chunk, eos_id, run.device)
+    valid_nll, valid_tokens = run.world.broadcast(score)  # nats, tokens
     if not valid_nll / valid_tokens < 700:  # also catches NaN; exp() would overflow
         raise TrainingDiverged(
             f"validation loss {valid_nll / valid_tokens:.3g} nats/token at step "
@@ -478,10 +556,11 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
     progress.history.append(record)
     if valid < progress.best_valid:
         progress.best_valid, progress.best_step = valid, progress.step
-        save_checkpoint(checkpoint_dir / "best.pt", {
-            "model": run.model.state_dict(), "network": asdict(network),
-            "train": asdict(run.cfg), "step": progress.step, "valid_ppl": valid,
-            **run.resume.extra})
+        if run.world.is_main:
+            save_checkpoint(checkpoint_dir / "best.pt", {
+                "model": run.model.state_dict(), "network": asdict(network),
+                "train": asdict(run.cfg), "step": progress.step, "valid_ppl": valid,
+                **run.resume.extra})
     if progress.step % spe == 0:  # an epoch ended
         epoch = progress.step // spe
         improved = progress.best_step > progress.step - spe
@@ -518,50 +597,65 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
                 on_eval: Callable[[list[dict]], None] | None = None, bf16: bool = False,
                 extra: dict | None = None, eval_chunk: int = 512,
-                checkpoint_every_s: float = 0) -> dict:
+                checkpoint_every_s: float = 0, world: World = SINGLE) -> dict:
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
     configuration, data, `extra` and code; return a summary. `on_eval` gets the
     learning curve after each new point; `eval_chunk` (the scorer's pass length) and
     `checkpoint_every_s` (0 = validation points only) do not change the result.
+    Under several ranks (`world`, every rank calls this with the same arguments) each
+    trains its B/N columns; rank 0 alone prints, writes files and calls `on_eval`;
+    every rank returns the same summary.
     Raises TrainingInterrupted on SIGINT/SIGTERM, after writing a resume point."""
     cfg, extra = training, extra or {}
-    torch.manual_seed(cfg.seed)
+    say = print if world.is_main else _quiet
+    cols = world.columns(cfg.batch_size)  # this rank's columns; UnevenColumns if B % N
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = LanguageModel(network).to(device)
     opt = make_optimizer(model, cfg)
-    x, y = batchify(train_ids, cfg.batch_size)
-    plan = Plan.make(x.size(1), cfg)
+    if world.rank > 0:  # dropout masks of their own (rank 0 draws as one process does)
+        torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * world.rank)
+    columns = Columns.of(train_ids, cfg.batch_size, cols)  # B/N of the B columns of L
+    plan = Plan.make(columns.length, cfg)
     resume = ResumePoint(checkpoint_dir / "last.pt",
-                         fingerprint(network, cfg, train_ids, valid_ids, extra), extra)
+                         fingerprint(network, cfg, train_ids, valid_ids, extra), extra, world)
     progress = resume.load(model, opt, device)
     if progress is not None:
-        print(f"resuming from {resume.path} (step {progress.step} of {plan.total_steps})")
+        say(f"resuming from {resume.path} (step {progress.step} of {plan.total_steps})")
     progress = progress or Progress(lr=cfg.lr)
-    print(f"training {model.num_parameters():,} parameters: {plan.total_steps} steps "
-          f"({plan.total_steps / plan.steps_per_epoch:.2f} epochs of {plan.steps_per_epoch}), "
-          f"{len(plan.eval_steps)} validation points; Ctrl-C saves a resume point", flush=True)
+    ranks = f" on {world.size} ranks of {cfg.batch_size // world.size} columns" \
+        if world.distributed else ""
+    say(f"training {model.num_parameters():,} parameters{ranks}: {plan.total_steps} steps "
+        f"({plan.total_steps / plan.steps_per_epoch:.2f} epochs of {plan.steps_per_epoch}), "
+        f"{len(plan.eval_steps)} validation points; Ctrl-C saves a resume point", flush=True)
     bar = tqdm(total=plan.total_steps, initial=progress.step, unit=" step", leave=False,
-               disable=None)  # None: no bar when output is not a terminal (logs)
+               disable=None if world.is_main else True)  # None: no bar in logs
     with _StopOnSignal() as stop, bar:
-        run = _Run(model, opt, cfg, plan, x, y, device, bf16 and device.startswith("cuda"),
-                   resume, stop, bar)
+        run = _Run(model, opt, cfg, plan, columns, device, bf16 and device.startswith("cuda"),
+                   resume, stop, bar, world, wrap(model, world))
         while progress.step < plan.total_steps:
             train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
             record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
                               eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
                               network=network)
             resume.save(model, opt, progress)
-            bar.write(report_line(plan, progress, record))
-            sys.stdout.flush()  # logs see it now
-            if on_eval is not None:
+            if world.is_main:
+                bar.write(report_line(plan, progress, record))
+                sys.stdout.flush()  # logs see it now
+            if on_eval is not None and world.is_main:
                 on_eval(progress.history)  # the curve so far, `record` last
-            if stop.requested and progress.step < plan.total_steps:
-                raise TrainingInterrupted(stop.requested, f"stopped at step {progress.step}; "
+            stopped, _ = _agreed(world, stop.requested, False)
+            if stopped and progress.step < plan.total_steps:
+                raise TrainingInterrupted(stopped, f"stopped at step {progress.step}; "
                                           f"the resume point is {resume.path}")
     return {"history": progress.history, "best_valid_ppl": progress.best_valid,
             "best_step": progress.best_step, "parameters": model.num_parameters(),
             "seconds": progress.seconds, "tokens": progress.tokens,
             "epochs": round(progress.step / plan.steps_per_epoch, 4),
             "plan": dataclasses.asdict(plan) | {"eval_steps": len(plan.eval_steps)}}
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() for ranks other than 0: one log per run."""
 
 
 def load_model(path: Path, device: str = "cpu",

@@ -115,3 +115,34 @@ def pipeline_run(tmp_path_factory, mirror) -> PipelineRun:
         subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=repo, check=True)
         shutil.copytree(repo, template, symlinks=True)
     return PipelineRun(repo, env, log, regression.collect(repo), template)
+
+
+# The smallest whole pipeline, for the tests that run it end to end somewhere other than
+# the shared run (tests/test_team_server.py: into a tracking server; tests/test_remote.py:
+# through a DVC remote): the synthetic corpus, one n-gram and one small network (the
+# regression's sizes, tests/regression.yaml), and every per-corpus and summary stage on top
+# of them, with the analyses cut down to a few windows.
+TINY = {
+    "corpora": ["synthetic"],
+    "download": {"synthetic": {"tokens": [20000, 2000, 2000]}},
+    "ngram": {"orders": [2]},
+    "train": {"models": ["rnn"]},
+    "analyse": {"gradients": {"distance": 10, "windows": 4, "warmup": 10, "batch": 4},
+                "context": {"lengths": [1, 2, 5], "targets": 50, "span": 1000,
+                            "batch_tokens": 2000}},
+}
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+
+
+def tiny_workspace(root: Path, mirror: Path) -> tuple[Path, dict]:
+    """tests.regression.make_workspace() with TINY merged over its params: a git-initialised
+    copy of the repository under root/repo and the environment to run DVC in (its MLflow
+    store: root/mlflow.db, unless the caller sets MLFLOW_TRACKING_URI)."""
+    import yaml
+
+    from tests import regression
+
+    repo, env = regression.make_workspace(root, mirror)
+    params = regression.merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo, env

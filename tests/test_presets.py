@@ -37,8 +37,8 @@ def test_layers_apply_in_order_and_name_their_source():
     assert resolved["lr"] == (0.002, "train.presets.quick.models.window")
     assert resolved["epochs"] == (9, "train.presets.quick.corpora.ptb")  # corpus wins
     assert resolved["bptt"] == (35, "train.presets.quick.defaults")
-    window = RAW["presets"]["quick"]["models"]["window"]
-    assert params.spec("brown", "window").training.epochs == window["epochs"]  # untouched
+    defaults = RAW["presets"]["quick"]["defaults"]
+    assert params.spec("brown", "window").training.epochs == defaults["epochs"]  # untouched
 
 
 def test_show_prints_every_resolved_setting_with_its_source():

@@ -222,3 +222,23 @@ def test_gradient_norms_are_summarised_per_validation_point(tmp_path):
         assert 0 < record["grad_norm_median"] <= record["grad_norm_max"]
         assert 0 <= record["clipped_fraction"] <= 1
         assert record["valid_s"] > 0
+
+
+def test_columns_read_a_memory_mapped_stream_chunk_by_chunk(tmp_path):
+    from pipeline.training import Columns
+
+    np.save(tmp_path / "train.npy", TRAIN.astype(np.uint16))
+    ids = np.load(tmp_path / "train.npy", mmap_mode="r")  # as the train stage opens it
+    stream = torch.from_numpy(TRAIN.astype(np.int64))
+    B = 4
+    L = (len(stream) - 1) // B
+    x_all = stream[: B * L].view(B, L)  # column c = stream[c*L : (c+1)*L]
+    y_all = stream[1 : B * L + 1].view(B, L)
+    columns = Columns.of(ids, B)
+    assert columns.length == L
+    for cols in (slice(0, 10), slice(L - 3, L)):
+        x, y = columns.chunk(cols)
+        assert x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, x_all[:, cols]) and torch.equal(y, y_all[:, cols])
+    x, y = Columns.of(ids, B, slice(2, 4)).chunk(slice(5, 15))  # one rank's half
+    assert torch.equal(x, x_all[2:4, 5:15]) and torch.equal(y, y_all[2:4, 5:15])

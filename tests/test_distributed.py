@@ -1,0 +1,173 @@
+"""Data-parallel training: 2 gloo ranks on the CPU train the one-process model.
+
+One spawn of 2 ranks runs every 2-rank scenario (process start-up is most of the
+cost); the parent trains the one-process references and compares. Dropout is 0
+wherever weights are compared across rank counts: each rank draws its own masks.
+
+Tolerances (float32; only the order of summation differs between 1 and 2 ranks):
+- weights after a few steps: |a - b| <= 1e-6 + 1e-5 |b| (torch.testing.assert_close;
+  measured: 3e-8 at most);
+- a full small run's curve: valid perplexity per point within 1e-5 relative, the
+  training perplexity and gradient-norm median within 1e-5 (measured: 1e-7), steps,
+  tokens and lr exact;
+- a resumed 2-rank run against an uninterrupted one, and 1 rank under a process group
+  against the plain process: exactly equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline import distributed, training
+from pipeline.distributed import UnevenColumns, World
+from pipeline.errors import UserError
+from pipeline.training import TrainingInterrupted, load_checkpoint
+from tests.test_training import TRAIN, VALID, net, train_cfg, without_timings
+
+RANKS = 2
+# name -> (network, config): the 2-rank scenarios compared with one process
+FEW_STEPS = (net("lstm2", dropout=0.0),  # 5 steps of SGD with the clip active
+             train_cfg(optimizer="sgd", lr=1.0, clip=0.1, epochs=1, max_tokens=200))
+CURVE = (net("lstm", dropout=0.0),  # time_sum loss units, plateau schedule (broadcast ppl)
+         train_cfg(optimizer="sgd", loss="time_sum", lr=0.1, clip=2.0, epochs=2,
+                   evals_per_epoch=2, schedule="plateau", lr_decay=2.0))
+RESUMED = (net("lstm2", dropout=0.1),  # dropout on: the per-rank RNG must be restored
+           train_cfg(epochs=1, evals_per_epoch=2))
+SIGNAL_AT = 12  # rank 1 alone gets SIGINT after this step; the ranks agree at step 15
+CHECK_EVERY = 5
+
+
+def train(case, folder: Path, world: World = distributed.SINGLE) -> dict:
+    network, cfg = case
+    return training.train_model(network=network, training=cfg, train_ids=TRAIN,
+                                valid_ids=VALID, eos_id=0, checkpoint_dir=folder, world=world)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_as_rank(rank: int, size: int, port: int) -> None:
+    """The environment torchrun gives a rank."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def rank_main(rank: int, port: int, folder: Path) -> None:
+    """One of the 2 ranks (spawned): every scenario in turn; rank 0 writes the results."""
+    torch.set_num_threads(1)
+    join_as_rank(rank, RANKS, port)
+    training.CHECK_EVERY = CHECK_EVERY  # agreement points close enough for SIGINT_AT
+    with distributed.initialised("cpu") as world:
+        results = {"few_steps": train(FEW_STEPS, folder / "few_steps", world),
+                   "curve": train(CURVE, folder / "curve", world),
+                   "straight": train(RESUMED, folder / "straight", world)}
+        step = training.train_step
+        calls = 0
+
+        def signalled_step(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == SIGNAL_AT and world.rank == 1:
+                signal.raise_signal(signal.SIGINT)
+            return step(*args, **kwargs)
+
+        training.train_step = signalled_step
+        try:
+            train(RESUMED, folder / "resumed", world)
+            raise AssertionError("SIGINT on rank 1 did not stop both ranks")
+        except TrainingInterrupted as exc:
+            results["interrupted"] = {"message": str(exc)}
+            if world.is_main:  # its writer
+                last = load_checkpoint(folder / "resumed" / "last.pt")
+                results["interrupted"]["step"] = last["progress"]["step"]
+        training.train_step = step
+        results["resumed"] = train(RESUMED, folder / "resumed", world)
+        if world.is_main:
+            (folder / "results.json").write_text(json.dumps(results))
+        torch.distributed.barrier()  # rank 0 hosts the rendezvous: it leaves last
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.spawn(rank_main, args=(free_port(), folder), nprocs=RANKS, join=True)
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+def test_two_ranks_take_the_one_process_steps(two_ranks, tmp_path):
+    torch.set_num_threads(1)
+    folder, results = two_ranks
+    one = train(FEW_STEPS, tmp_path)
+    two = results["few_steps"]
+    assert two["tokens"] == one["tokens"] and two["plan"] == one["plan"]
+    a = load_checkpoint(folder / "few_steps" / "last.pt")
+    b = load_checkpoint(tmp_path / "last.pt")
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    # the global gradient norm (before clipping) and the global training loss
+    (ra,), (rb,) = two["history"], one["history"]
+    assert ra["clipped_fraction"] == rb["clipped_fraction"] > 0
+    assert ra["grad_norm_max"] == pytest.approx(rb["grad_norm_max"], rel=1e-5)
+    assert ra["train_ppl"] == pytest.approx(rb["train_ppl"], rel=1e-5)
+    # the carried state of all 4 columns, gathered on rank 0
+    assert [t.shape for t in a["progress"]["state"]] == [t.shape for t in b["progress"]["state"]]
+
+
+def test_a_full_two_rank_run_has_the_one_process_curve(two_ranks, tmp_path):
+    torch.set_num_threads(1)
+    one = train(CURVE, tmp_path)["history"]
+    two = two_ranks[1]["curve"]["history"]
+    assert [(r["step"], r["tokens"], r["lr"]) for r in two] == \
+        [(r["step"], r["tokens"], r["lr"]) for r in one]
+    assert len(two) == 4
+    for key in ("valid_ppl", "train_ppl", "grad_norm_median"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    assert (two_ranks[0] / "curve" / "best.pt").exists()
+
+
+def test_a_two_rank_run_resumes_exactly(two_ranks):
+    folder, results = two_ranks
+    assert results["interrupted"]["step"] == 15  # the first agreement point after step 12
+    assert results["interrupted"]["message"].startswith("SIGINT")
+    straight, resumed = results["straight"], results["resumed"]
+    assert without_timings(resumed["history"]) == without_timings(straight["history"])
+    a, b = (load_checkpoint(folder / d / "last.pt")["model"] for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_rank_under_a_process_group_is_the_plain_process(tmp_path, monkeypatch):
+    """The path torchrun --nproc-per-node 1 takes (DDP, collectives) changes no number:
+    what a GPU run with NCCL is to show against the same run without torchrun."""
+    torch.set_num_threads(1)
+    case = RESUMED
+    plain = train(case, tmp_path / "plain")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+    join_as_rank(0, 1, free_port())
+    with distributed.initialised("cpu") as world:
+        assert world.distributed
+        grouped = train(case, tmp_path / "grouped", world)
+    assert without_timings(grouped["history"]) == without_timings(plain["history"])
+
+
+def test_uneven_columns_are_a_one_line_error_naming_the_key():
+    with pytest.raises(UnevenColumns, match="batch_size: 4 columns cannot be split evenly"):
+        World(rank=0, size=3).columns(4)
+    assert World(rank=1, size=2).columns(4) == slice(2, 4)
+    from pipeline.train import check_ranks
+    from tests.test_presets import train_params
+
+    with pytest.raises(UserError, match=r"train\.presets\.quick\..*batch_size: "
+                       r"\d+ columns cannot be split evenly across 3 ranks"):
+        check_ranks(train_params(), "ptb", "lstm2", 3)
