@@ -40,7 +40,7 @@ def test_two_queue_workers_record_every_run_in_one_store(pipeline_run, tmp_path)
     # workers start in the background and keep the pipe open: no capture here
     subprocess.run([str(BIN / "dvc"), "queue", "start", "--jobs", "2"], cwd=repo, env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800  # a guard against a hung worker, not a timing
     while True:
         status = dvc(repo, env, "queue", "status")
         if not any(word in status for word in ("Queued", "Running")):

@@ -50,9 +50,16 @@ def test_the_check_covers_characters_orders_samples_references_and_sizes(pipelin
 def test_dropped_end_of_sentence_fails_with_a_table(pipeline_run, tmp_path):
     repo, env = pipeline_run.clone(tmp_path / "repo", f"sqlite:///{tmp_path / 'mlflow.db'}")
     prepare = repo / "pipeline" / "prepare.py"
-    correct = "        ids[pos] = eos\n        pos += 1\n    return ids, oov\n"
-    assert correct in prepare.read_text()
-    prepare.write_text(prepare.read_text().replace(correct, "    return ids[:pos], oov\n"))
+    # both passes of prepare: the count of tokens per split, and the encoding
+    text = prepare.read_text()
+    for correct, broken in (
+            ("        return self.words + self.lines  # + <eos> after every line\n",
+             "        return self.words\n"),
+            ("        for chunk in token_chunks(lines, eos=EOS, bar=bar):\n",
+             "        for chunk in token_chunks(lines, eos=None, bar=bar):\n")):
+        assert correct in text
+        text = text.replace(correct, broken)
+    prepare.write_text(text)
     shutil.rmtree(repo / "reports" / "metrics")  # as in a fresh run: no stale metrics
     regression.repro(repo, env, "sample@synthetic", "sample@custom")  # the small corpora
     passed, text = regression.report(regression.collect(repo), baseline())
