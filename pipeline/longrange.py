@@ -27,7 +27,7 @@ The download stage writes train/valid/test.txt and source.json, as for `syntheti
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +120,10 @@ def dependencies_of(params: LongRangeParams) -> dict:
 def generate_corpus(out: Path, params: LongRangeParams) -> dict:
     """Write the three splits and source.json into `out` (atomically); return the summary."""
     source = LongRangeSource(params)
-    entropy = source.entropy_rate()
-    words = source.words()
-    summary: dict = {"params": asdict(params), "order": None, "entropy_nats": entropy,
-                     "entropy_bits": entropy / math.log(2), "floor_ppl": math.exp(entropy),
-                     "dependencies": dependencies_of(params), "splits": {}}
-    write_splits(out, source=source, words=words, sizes=params.tokens, seed=params.seed,
-                 summary=summary)
-    print(f"longrange: entropy {entropy:.4f} nats/token, best achievable perplexity "
-          f"{math.exp(entropy):.3f}; floor at the dependent positions "
+    summary = write_splits(out, source=source, params=params, order=None,
+                           dependencies=dependencies_of(params))
+    print(f"longrange: entropy {summary['entropy_nats']:.4f} nats/token, best achievable "
+          f"perplexity {summary['floor_ppl']:.3f}; floor at the dependent positions "
           f"{source.answer_entropy:.3f} nats")
     return summary
 

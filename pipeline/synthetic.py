@@ -134,16 +134,21 @@ class TrigramSource:
         return sentences, nll
 
 
-def write_splits(out: Path, *, source, words: list[str], sizes, seed: int,
-                 summary: dict) -> None:
-    """Sample the three splits of a generated corpus from `source` (its `sample(tokens,
-    rng) -> (lines of word ids, nll in nats)`) and write them, with `summary` plus each
-    split's tokens and nll as source.json, into `out` (atomically: all files or none).
-    One generator per split: resizing train leaves valid and test as they were."""
-    summary["splits"] = {}
+def write_splits(out: Path, *, source, params, order: int | None, **extra) -> dict:
+    """Sample the three splits of a generated corpus and write them, with source.json,
+    into `out` (atomically: all files or none); return source.json's summary: `params`,
+    the source's `order`, its exact entropy rate (nats and bits per token) and floor
+    perplexity, `extra`, and each split's tokens and nll. `source` has `entropy_rate()`,
+    `words()` and `sample(tokens, rng) -> (lines of word ids, nll in nats)`; `params` has
+    `tokens` (per split) and `seed`. One generator per split: resizing train leaves valid
+    and test as they were."""
+    entropy, words = source.entropy_rate(), source.words()
+    summary: dict = {"params": asdict(params), "order": order, "entropy_nats": entropy,
+                     "entropy_bits": entropy / math.log(2), "floor_ppl": math.exp(entropy),
+                     **extra, "splits": {}}
     with atomic_path(out, directory=True) as staging:
-        for index, (split, size) in enumerate(zip(SPLITS, sizes, strict=True)):
-            rng = np.random.default_rng([seed, 1 + index])
+        for index, (split, size) in enumerate(zip(SPLITS, params.tokens, strict=True)):
+            rng = np.random.default_rng([params.seed, 1 + index])
             lines, nll = source.sample(size, rng)
             tokens = sum(len(line) + 1 for line in lines)  # every <eos> counted
             text = "".join(" ".join(words[w] for w in line) + "\n" for line in lines)
@@ -151,19 +156,13 @@ def write_splits(out: Path, *, source, words: list[str], sizes, seed: int,
             summary["splits"][split] = {"tokens": tokens, "nll_nats": nll,
                                         "ppl": math.exp(nll / tokens)}
         write_json(staging / SOURCE_FILE, summary)
+    return summary
 
 
 def generate_corpus(out: Path, params: SyntheticParams) -> dict:
     """Write the three splits and source.json into `out` (atomically); return the summary."""
-    source = TrigramSource(params)
-    entropy = source.entropy_rate()
-    words = source.words()
-    summary: dict = {"params": asdict(params), "order": ORDER, "entropy_nats": entropy,
-                     "entropy_bits": entropy / math.log(2), "floor_ppl": math.exp(entropy),
-                     "splits": {}}
-    write_splits(out, source=source, words=words, sizes=params.tokens, seed=params.seed,
-                 summary=summary)
-    print(f"synthetic: entropy {entropy:.4f} nats/token, best achievable perplexity "
-          f"{math.exp(entropy):.3f}; the source scores test ppl "
+    summary = write_splits(out, source=TrigramSource(params), params=params, order=ORDER)
+    print(f"synthetic: entropy {summary['entropy_nats']:.4f} nats/token, best achievable "
+          f"perplexity {summary['floor_ppl']:.3f}; the source scores test ppl "
           f"{summary['splits']['test']['ppl']:.3f} on its own sample")
     return summary
