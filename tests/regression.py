@@ -125,6 +125,19 @@ def repro(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True)
 
 
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    """A command that must succeed; its stdout and stderr (the tail shown if it fails)."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{output[-4000:]}"
+    return output
+
+
+def ran_stages(log: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` log says it ran."""
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
+
+
 def collect(repo: Path) -> dict[str, dict]:
     """corpus/model -> the compared values of every model the run configured: its metrics
     file (written even when a later stage fails), its sample, its cells in the rendered

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pandas as pd
 import pytest
@@ -16,7 +15,7 @@ import yaml
 
 from tests import regression, ui_check
 from tests.conftest import REPO
-from tests.regression import BIN
+from tests.regression import BIN, ran_stages, run
 
 # what the regression configuration runs (corpora, n-gram orders, neural models)
 CONFIG = regression.configuration()
@@ -31,15 +30,6 @@ READERS = {stage: run for stage, run in (("sample", "samples"), ("analyse", "ana
            if stage in STAGES}
 
 
-def run(cmd, cwd, env):
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{cmd} failed:\n{output[-4000:]}"
-    return output
-
-
-def ran_stages(log: str) -> set[str]:
-    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
 
 
 def each_corpus(*stages: str) -> set[str]:

@@ -17,7 +17,6 @@ as the model: without it the train stage would rerun). 30 to 70 s on 2 cores.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,21 +24,12 @@ import yaml
 
 from tests import regression
 from tests.conftest import GIT, TINY, tiny_workspace
-from tests.regression import BIN
+from tests.regression import BIN, ran_stages, run
 
 pytestmark = pytest.mark.slow
 DVC = str(BIN / "dvc")
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
-    return output
-
-
-def ran_stages(log: str) -> set[str]:
-    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage")}
 
 
 def outs(repo: Path) -> list[str]:
