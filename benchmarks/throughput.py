@@ -9,6 +9,9 @@ text), after 3 warm-up steps; exact-evaluation tokens/s through the one scorer
 (`score_stream`); peak memory (resident set size of a fresh process per model on
 CPU, `torch.cuda.max_memory_allocated` on GPU); and the achieved fraction of the
 matrix-product peak measured in the same run (a large fp32 and bf16 matmul).
+Where bf16 products have hardware support (CUDA, or a CPU with AVX-512 BF16 or AMX),
+every model is measured twice: fp32, and training under bf16 autocast (`train.bf16` on
+CUDA, `train.cpu_bf16` on a CPU); evaluation is fp32 in both rows, as in the pipeline.
 Useful FLOPs per training token are counted as 6 x the parameters that take part
 in matrix products (2 forward, 4 backward; embedding lookups excluded).
 Writes a Markdown table to benchmarks/results/throughput-<device>.md.
@@ -33,7 +36,7 @@ from pipeline.networks import LanguageModel
 from pipeline.params import load_section
 from pipeline.perplexity import score_stream
 from pipeline.presets import TrainParams
-from pipeline.train import pick_device
+from pipeline.train import bf16_products, pick_device
 from pipeline.training import make_optimizer, train_step
 
 
@@ -59,14 +62,6 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: floa
     return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
 
 
-def bf16_matmuls(device: str) -> bool:
-    """Whether bf16 matrix products have hardware support here (on a CPU without AVX-512
-    BF16 or AMX they are emulated, hundreds of times slower than fp32)."""
-    if device == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
-
-
 def matmul_parameters(model: LanguageModel) -> int:
     """Parameters used in matrix products: all but the input embedding (unless it is
     also the tied output projection)."""
@@ -76,7 +71,7 @@ def matmul_parameters(model: LanguageModel) -> int:
 
 
 def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: int,
-            device: str) -> dict:
+            device: str, bf16: bool) -> dict:
     """One model's figures (run in a fresh process on CPU, for its own peak RSS)."""
     params = load_section("train", TrainParams)
     params = dataclasses.replace(params, preset=preset)
@@ -86,7 +81,6 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
     model = LanguageModel(spec.for_vocabulary(vocab)).to(device)
     opt = make_optimizer(model, cfg)
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1), device=device)
-    autocast = params.bf16 and device.startswith("cuda")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     state = None
@@ -95,7 +89,7 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
             sync(device)
             started = time.perf_counter()
         state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
-                           autocast=autocast).state
+                           autocast=bf16).state
     sync(device)
     train_tps = steps * cfg.batch_size * cfg.bptt / (time.perf_counter() - started)
     ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
@@ -106,6 +100,7 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
     memory = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"preset": preset, "model": model_name, "parameters": model.num_parameters(),
+            "precision": "bf16 autocast" if bf16 else "fp32", "bf16": bf16,
             "batch": f"{cfg.batch_size}x{cfg.bptt}", "train_tok_s": train_tps,
             "eval_tok_s": eval_tps, "gflop_s": 6 * matmul_parameters(model) * train_tps / 1e9,
             "peak_mib": memory / 2**20}
@@ -122,9 +117,10 @@ def main() -> None:
     device = pick_device(params.device)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     peak = {"fp32": matmul_peak(device, torch.float32),
-            "bf16": matmul_peak(device, torch.bfloat16) if bf16_matmuls(device) else 0.0}
-    jobs = [(p, m, args.vocab, args.steps, args.eval_tokens, device)
-            for p in args.presets for m in params.models]
+            "bf16": matmul_peak(device, torch.bfloat16) if bf16_products(device) else 0.0}
+    precisions = (False, True) if peak["bf16"] else (False,)
+    jobs = [(p, m, args.vocab, args.steps, args.eval_tokens, device, bf16)
+            for p in args.presets for m in params.models for bf16 in precisions]
     if device == "cpu":  # a fresh process per model: its own peak resident memory
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                  max_tasks_per_child=1) as pool:
@@ -137,12 +133,15 @@ def main() -> None:
                  f"{peak['bf16']:,.0f} GFLOP/s bf16" if peak["bf16"] else
                  "no fast bf16 (CPU capability "
                  f"{torch.backends.cpu.get_cpu_capability()}: no AVX-512 BF16 or AMX)"), "",
-             "| preset | model | parameters | batch x bptt | train tokens/s | eval tokens/s "
-             "| train GFLOP/s | of fp32 peak | peak memory (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['preset']} | {r['model']} | {r['parameters']:,} | {r['batch']} "
+             "| preset | model | training precision | parameters | batch x bptt "
+             "| train tokens/s | eval tokens/s | train GFLOP/s | of that precision's peak "
+             "| peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['model']} | {r['precision']} | {r['parameters']:,} "
+              f"| {r['batch']} "
               f"| {r['train_tok_s']:,.0f} | {r['eval_tok_s']:,.0f} | {r['gflop_s']:,.1f} "
-              f"| {r['gflop_s'] / peak['fp32']:.0%} | {r['peak_mib']:,.0f} |" for r in rows]
+              f"| {r['gflop_s'] / peak['bf16' if r['bf16'] else 'fp32']:.0%} "
+              f"| {r['peak_mib']:,.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     write_text(Path(__file__).parent / "results" / f"throughput-{device}.md", text)

@@ -57,6 +57,7 @@ class TrainParams:
     models: tuple[str, ...]  # the neural models every corpus gets (dvc.yaml expands them)
     device: Literal["auto", "cpu", "cuda", "mps"]
     bf16: bool  # bfloat16 autocast for training on CUDA
+    cpu_bf16: bool  # bfloat16 autocast for training on a CPU with bf16 matrix units
     eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
     checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = eval points only
     nproc: int  # data-parallel ranks on this machine (torchrun); 1 = one plain process

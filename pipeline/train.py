@@ -52,6 +52,33 @@ class OutOfMemory(UserError, RuntimeError):
     pass
 
 
+def bf16_products(device: str) -> bool:
+    """Whether bf16 matrix products have hardware support on `device` (a CPU without
+    AVX-512 BF16 or AMX emulates them, hundreds of times slower than fp32)."""
+    import torch
+
+    if device == "cpu":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
+def bf16_training(device: str, params: TrainParams) -> bool:
+    """Whether training steps run under bfloat16 autocast on `device`: train.bf16 on CUDA,
+    train.cpu_bf16 on a CPU, refused where bf16 products would be emulated (a CPU without
+    AVX-512 BF16 or AMX: far slower than fp32, for no gain)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return params.bf16
+    if device != "cpu" or not params.cpu_bf16:
+        return False
+    if not bf16_products(device):
+        raise ParamsError(f"train.cpu_bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) "
+                          "has no bf16 matrix units (AVX-512 BF16 or AMX), so bf16 would be "
+                          "emulated and far slower than fp32; set it to false")
+    return True
+
+
 def pick_device(requested: str) -> str:
     import torch
 
@@ -139,7 +166,10 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         logged = len(history)
         write_json(curve, history)  # DVC plots: the learning curve so far
 
-    extra = {"vocab_digest": vocab.digest(), "corpus": corpus}
+    bf16 = bf16_training(device, params)
+    # in the resume fingerprint: a run never continues in another precision
+    extra = {"vocab_digest": vocab.digest(), "corpus": corpus,
+             "precision": "bf16 autocast" if bf16 else "fp32"}
     batch_size, train_tokens = spec.training.batch_size, len(data.ids("train"))
     if train_tokens < batch_size + 1:
         where = params.resolve(corpus, model)["batch_size"][1]
@@ -154,7 +184,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         result = train_model(network=spec.for_vocabulary(len(vocab)), training=spec.training,
                              train_ids=data.ids("train"), valid_ids=data.ids("valid"),
                              eos_id=vocab.eos_id, checkpoint_dir=checkpoints, device=device,
-                             on_eval=on_eval, bf16=params.bf16, extra=extra,
+                             on_eval=on_eval, bf16=bf16, extra=extra,
                              eval_chunk=params.eval_chunk,
                              checkpoint_every_s=params.checkpoint_every_s, world=world)
     if not world.is_main:
@@ -174,6 +204,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         "train_seconds": round(result["seconds"], 1),
         "tokens_per_s": round(result["tokens"] / result["seconds"], 1),
         "device": device,
+        "precision": f"training {extra['precision']}, scoring fp32",
         "train_tokens": result["tokens"],
         "epochs": result["epochs"],
         "best_step": result["best_step"],

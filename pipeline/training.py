@@ -218,7 +218,7 @@ class Step(NamedTuple):
 def train_step(model: LanguageModel, opt: torch.optim.Optimizer, xb: torch.Tensor,
                yb: torch.Tensor, state, *, cfg: TrainConfig, autocast: bool) -> Step:
     """One optimizer step on a (B, T) chunk."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=autocast):
         _, loss, state = model(xb, yb, state)  # loss: mean over B x T tokens
     opt.zero_grad(set_to_none=True)
     # time_sum: summed over the T unrolled steps, averaged over the batch
@@ -601,7 +601,8 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
     configuration, data, `extra` and code; return a summary. `on_eval` gets the
     learning curve after each new point; `eval_chunk` (the scorer's pass length) and
-    `checkpoint_every_s` (0 = validation points only) do not change the result.
+    `checkpoint_every_s` (0 = validation points only) do not change the result; `bf16`
+    runs the training steps under bfloat16 autocast on `device` (validation stays fp32).
     Under several ranks (`world`, every rank calls this with the same arguments) each
     trains its B/N columns; rank 0 alone prints, writes files and calls `on_eval`;
     every rank returns the same summary.
@@ -630,7 +631,7 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
     bar = tqdm(total=plan.total_steps, initial=progress.step, unit=" step", leave=False,
                disable=None if world.is_main else True)  # None: no bar in logs
     with _StopOnSignal() as stop, bar:
-        run = _Run(model, opt, cfg, plan, columns, device, bf16 and device.startswith("cuda"),
+        run = _Run(model, opt, cfg, plan, columns, device, bf16,
                    resume, stop, bar, world, wrap(model, world))
         while progress.step < plan.total_steps:
             train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)

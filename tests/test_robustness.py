@@ -362,7 +362,11 @@ def test_an_experiment_created_in_a_temporary_copy_keeps_its_artifacts_beside_th
 
 # --- item 10: `dvc exp run` with the virtual environment -------------------------------------
 def test_make_exp_runs_dvc_exp_run_with_the_venv_first_on_path():
-    done = subprocess.run(["make", "-n", "exp", "ARGS=-S train.preset=small"], cwd=REPO,
+    # as a top-level make would: under `make test` the inherited MAKELEVEL makes make
+    # print "Entering/Leaving directory" lines around the commands
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "exp",
+                           "ARGS=-S train.preset=small"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     command = done.stdout.strip().splitlines()[-1]

@@ -242,3 +242,33 @@ def test_columns_read_a_memory_mapped_stream_chunk_by_chunk(tmp_path):
         assert torch.equal(x, x_all[:, cols]) and torch.equal(y, y_all[:, cols])
     x, y = Columns.of(ids, B, slice(2, 4)).chunk(slice(5, 15))  # one rank's half
     assert torch.equal(x, x_all[2:4, 5:15]) and torch.equal(y, y_all[2:4, 5:15])
+
+
+BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512 BF16 or AMX
+
+
+@pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 matrix units")
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_training_on_the_cpu_lands_near_fp32(kind, tmp_path):
+    torch.set_num_threads(1)
+    fp32 = train(net(kind), train_cfg(epochs=3), tmp_path / "fp32")
+    bf16 = train(net(kind), train_cfg(epochs=3), tmp_path / "bf16", bf16=True)
+    assert without_timings(bf16["history"]) != without_timings(fp32["history"])  # it ran bf16
+    assert bf16["best_valid_ppl"] == pytest.approx(fp32["best_valid_ppl"], rel=0.02)
+
+
+def test_cpu_bf16_is_off_by_default_and_refused_where_bf16_is_emulated(monkeypatch):
+    import dataclasses
+
+    from pipeline import train as stage
+    from pipeline.params import ParamsError, load_section
+    from pipeline.presets import TrainParams
+
+    params = load_section("train", TrainParams)
+    assert not stage.bf16_training("cpu", params)  # the CPU numbers stay fp32
+    wanted = dataclasses.replace(params, cpu_bf16=True)
+    if BF16_CPU:
+        assert stage.bf16_training("cpu", wanted)
+    monkeypatch.setattr(stage, "bf16_products", lambda device: False)
+    with pytest.raises(ParamsError, match=r"^train\.cpu_bf16: .* emulated"):
+        stage.bf16_training("cpu", wanted)
