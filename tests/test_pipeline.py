@@ -164,7 +164,22 @@ def test_report_page_and_plots(workspace):
     assert "Best achievable perplexity" in page
     plots = {p.name for p in (repo / "reports" / "plots").iterdir()}
     assert plots >= {f"{c}-{kind}.png" for c in CORPORA
-                     for kind in ("curves", "orders", "size")} | {"published.png"}
+                     for kind in ("curves", "orders", "size", "gradients", "context")} | {
+                         "published.png"}
+    # the analyses (issue 11): every corpus, every recurrent model at init and trained,
+    # every neural model's context use; each plotted with its sentence on the page
+    recurrent = [m for m in NEURAL if m != "window"]
+    for corpus in CORPORA:
+        folder = repo / "reports" / "analysis" / corpus
+        flows = json.loads((folder / "gradients.json").read_text())["models"]
+        assert list(flows) == recurrent
+        for phase in ("init", "trained"):
+            assert all(0 < flows[m][phase]["decay_factor"] < 2 for m in recurrent)
+        uses = json.loads((folder / "context.json").read_text())["models"]
+        assert list(uses) == list(NEURAL)
+        assert all(len(u["ppl"]) == len(u["lengths"]) for u in uses.values())
+        assert f"What the models carry: {corpus}</h3>" in page
+    assert page.count('alt="gradient flow"') == page.count('alt="context use"') == len(CORPORA)
 
 
 def test_learning_curve_plot_has_one_line_per_model(workspace):

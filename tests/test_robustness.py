@@ -243,6 +243,30 @@ def test_atomic_outputs_are_synced_before_the_rename(tmp_path, monkeypatch):
     assert (tmp_path / "folder" / "a.npy").read_bytes() == b"ids"
 
 
+# --- item 8: another vocabulary with the same ids retrains, never resumes ---------------------
+def test_a_vocabulary_change_that_keeps_the_ids_retrains_the_model(ptb_small, tmp_path, capsys):
+    import json
+
+    from pipeline import train
+    from tests.test_faults import small_train_params
+
+    data = tmp_path / "data"
+    shutil.copytree(ptb_small, data)
+    stage = dict(corpus="custom", model="window", data_dir=data, checkpoints=tmp_path / "ckpt",
+                 out=tmp_path / "m.pt", curve=tmp_path / "curve.json",
+                 params=small_train_params())
+    first = train.train_and_score(**stage)
+    vocab = json.loads((data / "vocab.json").read_text())
+    vocab["tokens"][5] += "-renamed"  # the same ids, another vocabulary
+    (data / "vocab.json").write_text(json.dumps(vocab))
+    capsys.readouterr()
+    second = train.train_and_score(**stage)  # before the fix: "trained on another vocabulary"
+    said = capsys.readouterr().out
+    assert "resuming from" not in said and "training from scratch" in said
+    assert second["vocab_digest"] != first["vocab_digest"]
+    assert second["valid_ppl"] == first["valid_ppl"]  # same ids, same model, trained again
+
+
 # --- item 9: an expected error is one line, a bug keeps its traceback ------------------------
 def run_module(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
