@@ -171,3 +171,51 @@ def test_uneven_columns_are_a_one_line_error_naming_the_key():
     with pytest.raises(UserError, match=r"train\.presets\.quick\..*batch_size: "
                        r"\d+ columns cannot be split evenly across 3 ranks"):
         check_ranks(train_params(), "ptb", "lstm2", 3)
+
+
+def test_the_train_stage_relaunches_itself_under_torchrun(tmp_path, mirror):
+    """`train.nproc: 2` through the stage's own entry point: it execs torchrun, 2 gloo ranks
+    train, rank 0 alone writes the metrics and the one MLflow run; the numbers are the
+    one-process stage's (dropout 0; summation order aside)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.prepare import prepare_corpus
+    from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
+
+    lines = {s: (mirror / "ptb" / f"ptb.{s}.txt").read_text().splitlines(keepends=True)[:n]
+             for s, n in (("train", 200), ("valid", 30), ("test", 30))}
+    raw = write_custom_splits(tmp_path / "raw", *("".join(lines[s]) for s in lines))
+    prepare_corpus("custom", raw, tmp_path / "data", PREPARE_PARAMS)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["presets"]["quick"]["corpora"]["custom"] = {
+        "embedding_size": 16, "hidden_size": 16, "dropout": 0.0, "batch_size": 4, "bptt": 10,
+        "epochs": 1, "max_tokens": 0, "evals_per_epoch": 2}
+    params["train"].update(device="cpu", checkpoint_every_s=0)
+    metrics = {}
+    for nproc in (1, 2):
+        work = tmp_path / f"nproc{nproc}"
+        work.mkdir()
+        params["train"]["nproc"] = nproc
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", "--corpus", "custom", "--model", "lstm",
+             "--data", str(tmp_path / "data"), "--checkpoints", "ckpt", "--out", "lstm.pt",
+             "--metrics", "metrics.json", "--curve", "curve.json"],
+            cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        metrics[nproc] = json.loads((work / "metrics.json").read_text())
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [r.info.run_name for r in runs] == ["custom/lstm"]  # rank 0's only
+    assert "torch.distributed.run --standalone --nproc-per-node 2" in done.stdout
+    assert metrics[2]["ranks"] == 2 and "ranks" not in metrics[1]
+    for key in ("valid_tokens", "test_tokens", "train_tokens", "epochs", "size"):
+        assert metrics[2][key] == metrics[1][key], key
+    for key in ("valid_ppl", "test_ppl"):
+        assert metrics[2][key] == pytest.approx(metrics[1][key], rel=1e-5), key
