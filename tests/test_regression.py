@@ -97,3 +97,19 @@ def test_changed_learning_rate_fails_with_a_table(pipeline_run, tmp_path):
     assert {m.row for m in moved} == retrained
     assert {m.value for m in moved} <= {"valid_ppl", "test_ppl", "sample"}
     assert "±1%" in text
+
+
+def test_neural_samples_are_compared_on_the_baseline_machine_only(pipeline_run):
+    import copy
+
+    now = pipeline_run.values
+    recorded = copy.deepcopy(now)
+    for row in ("custom/lstm", "custom/kn3"):
+        recorded[row]["sample"] = "another sample"
+    moved = {(m.row, m.value) for m in regression.compare(now, recorded)}
+    assert moved == {("custom/lstm", "sample"), ("custom/kn3", "sample")}  # same machine
+    recorded[regression.MACHINE] = {**now[regression.MACHINE], "cpu_capability": "other"}
+    moved = {(m.row, m.value) for m in regression.compare(now, recorded)}
+    assert moved == {("custom/kn3", "sample")}  # an n-gram's sample does not depend on it
+    passed, text = regression.report(now, recorded)
+    assert not passed and "neural samples not compared" in text and "'other'" in text
