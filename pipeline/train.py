@@ -35,9 +35,9 @@ from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
 from pipeline.networks import KINDS
 from pipeline.params import ParamsError, load_section
-from pipeline.perplexity import score_stream
+from pipeline.perplexity import SplitScore, score_stream
 from pipeline.presets import TrainParams
-from pipeline.training import TrainingInterrupted, load_model, train_model
+from pipeline.training import TrainingInterrupted, load_checkpoint, load_model, train_model
 
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",
@@ -217,9 +217,16 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         **({"ranks": world.size} if world.distributed else {}),
     }
     best = load_model(out, device, vocab.digest())
+    chosen = load_checkpoint(out).get("valid_score")  # valid, scored when best.pt was chosen
     for split in ("valid", "test"):
-        with out_of_memory_advice(corpus, model, device, params, scoring=True):
-            score = score_stream(best, data.ids(split), params.eval_chunk, vocab.eos_id, device)
+        if split == "valid" and chosen is not None and \
+                (chosen["eval_chunk"], chosen["device"]) == (params.eval_chunk, device):
+            # the same weights, scorer, chunk and device give the same number: not scored twice
+            score = SplitScore(chosen["nll"], chosen["tokens"])
+        else:
+            with out_of_memory_advice(corpus, model, device, params, scoring=True):
+                score = score_stream(best, data.ids(split), params.eval_chunk, vocab.eos_id,
+                                     device)
         expected = data.meta["tokens_per_split"][split]
         if score.tokens != expected:
             raise RuntimeError(f"scored {score.tokens} tokens of {split}, prepare counted "

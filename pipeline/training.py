@@ -560,6 +560,10 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
             save_checkpoint(checkpoint_dir / "best.pt", {
                 "model": run.model.state_dict(), "network": asdict(network),
                 "train": asdict(run.cfg), "step": progress.step, "valid_ppl": valid,
+                # how the valid split scored these weights: the train stage publishes it
+                # instead of scoring the same weights again with the same scorer
+                "valid_score": {"nll": valid_nll, "tokens": valid_tokens,
+                                "eval_chunk": eval_chunk, "device": run.device},
                 **run.resume.extra})
     if progress.step % spe == 0:  # an epoch ended
         epoch = progress.step // spe

@@ -12,7 +12,6 @@ import yaml
 from tests import regression
 from tests.regression import BIN
 
-CORPORA = tuple(regression.configuration()["corpora"])
 # the per-corpus stages that read every model of their corpus rerun too: their MLflow runs
 READERS = tuple(run for stage, run in (("sample", "samples"), ("analyse", "analysis"))
                 if stage in yaml.safe_load((regression.REPO / "dvc.yaml").read_text())["stages"])
@@ -22,6 +21,12 @@ READERS = tuple(run for stage, run in (("sample", "samples"), ("analyse", "analy
 # quick preset and of tests/regression.yaml set other keys, e.g. synthetic's lr)
 EXPERIMENTS = {"window-seed2": "+train.presets.quick.models.window.seed=2",
                "rnn-seed2": "+train.presets.quick.models.rnn.seed=2"}
+# what each experiment reproduces: one corpus's readers of every model (CI's time: the
+# other corpora would repeat the same stages), so the changed model retrains there first
+CORPUS = "custom"
+TARGETS = tuple(f"{stage}@{CORPUS}" for stage, run in (("sample", "samples"),
+                                                        ("analyse", "analysis"))
+                if run in READERS)
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:
@@ -36,7 +41,7 @@ def test_two_queue_workers_record_every_run_in_one_store(pipeline_run, tmp_path)
 
     repo, env = pipeline_run.clone(tmp_path / "repo", mlflow_uri=None)  # the default store
     for name, change in EXPERIMENTS.items():
-        dvc(repo, env, "exp", "run", "--queue", "--name", name, "-S", change)
+        dvc(repo, env, "exp", "run", "--queue", "--name", name, "-S", change, *TARGETS)
     # workers start in the background and keep the pipe open: no capture here
     subprocess.run([str(BIN / "dvc"), "queue", "start", "--jobs", "2"], cwd=repo, env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,11 +63,11 @@ def test_two_queue_workers_record_every_run_in_one_store(pipeline_run, tmp_path)
         assert run.info.status == "FINISHED", run.info.run_name
         by_experiment.setdefault(run.data.tags["dvc_experiment"], []).append(run)
     assert set(by_experiment) == set(EXPERIMENTS)
-    # each experiment retrained only the model it changed, on every corpus (the others'
-    # resume points came from the DVC cache), then re-sampled and re-reported, once each
+    # each experiment retrained only the model it changed (the others' resume points came
+    # from the DVC cache), then re-sampled and re-analysed, once each
     for name, model in (("window-seed2", "window"), ("rnn-seed2", "rnn")):
         assert sorted(r.info.run_name for r in by_experiment[name]) == sorted(
-            [f"{c}/{m}" for c in CORPORA for m in (model, *READERS)] + ["summary/leaderboard"])
+            f"{CORPUS}/{m}" for m in (model, *READERS))
     # and the two workers ran at the same time: each experiment's runs, from its first
     # start to its last end (MLflow's timestamps, ms), overlap the other's
     spans = {name: (min(r.info.start_time for r in runs), max(r.info.end_time for r in runs))

@@ -254,11 +254,11 @@ def test_browser_shows_the_runs_and_the_report(workspace, tmp_path):
 
 def test_one_param_switches_to_the_small_preset(pipeline_run, tmp_path):
     repo, env = pipeline_run.clone(tmp_path / "repo", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # the custom corpus's train stages (every model kind; the other corpora would only
+    # two of the custom corpus's train stages (the other models and corpora would only
     # repeat them, at CI's expense)
-    targets = [f"train@custom-{m}" for m in NEURAL]
+    targets = [f"train@custom-{m}" for m in ("window", "lstm2")]
     log = run([str(BIN / "dvc"), "exp", "run", "-S", "train.preset=small", *targets], repo, env)
-    # every neural model retrains under the other preset; nothing upstream reruns
+    # the models retrain under the other preset; nothing upstream reruns
     assert ran_stages(log) == set(targets)
     lstm2 = json.loads((repo / "reports" / "metrics" / "custom" / "lstm2.json").read_text())
     assert lstm2["preset"] == "small" and lstm2["epochs"] == 3

@@ -61,7 +61,8 @@ def test_dropped_end_of_sentence_fails_with_a_table(pipeline_run, tmp_path):
         text = text.replace(correct, broken)
     prepare.write_text(text)
     shutil.rmtree(repo / "reports" / "metrics")  # as in a fresh run: no stale metrics
-    regression.repro(repo, env, "sample@synthetic", "sample@custom")  # the small corpora
+    # the stages behind the rows checked below (and prepare@custom, download@custom)
+    regression.repro(repo, env, "prepare@synthetic", "ngram@custom-3", "train@custom-lstm")
     passed, text = regression.report(regression.collect(repo), baseline())
     print(text)
     assert not passed
@@ -81,7 +82,9 @@ def test_changed_learning_rate_fails_with_a_table(pipeline_run, tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["presets"]["quick"]["models"]["window"]["lr"] *= 10
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    done = regression.repro(repo, env)
+    corpora = regression.configuration()["corpora"]
+    # the window model of every corpus (what reads it, downstream, would only repeat them)
+    done = regression.repro(repo, env, *(f"train@{c}-window" for c in corpora))
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     passed, text = regression.report(regression.collect(repo), baseline())
     print(text)
@@ -90,9 +93,8 @@ def test_changed_learning_rate_fails_with_a_table(pipeline_run, tmp_path):
     # exactly the retrained models moved: window where its lr comes from the model layer;
     # where a corpus layer sets every model's lr (params.yaml: synthetic, tinyshakespeare)
     # window did not change; everything else still matches
-    corpora = regression.configuration()["train"]["presets"]["quick"]["corpora"]
-    retrained = {f"{c}/window" for c in regression.configuration()["corpora"]
-                 if "lr" not in (corpora.get(c) or {})}
+    layers = regression.configuration()["train"]["presets"]["quick"]["corpora"]
+    retrained = {f"{c}/window" for c in corpora if "lr" not in (layers.get(c) or {})}
     assert "custom/window" in retrained
     assert {m.row for m in moved} == retrained
     assert {m.value for m in moved} <= {"valid_ppl", "test_ppl", "sample"}

@@ -267,6 +267,23 @@ def test_a_vocabulary_change_that_keeps_the_ids_retrains_the_model(ptb_small, tm
     assert second["valid_ppl"] == first["valid_ppl"]  # same ids, same model, trained again
 
 
+def test_the_published_valid_score_is_the_scorer_on_the_published_model(ptb_small, tmp_path):
+    """The train stage publishes the valid score its validation point measured when it chose
+    best.pt (not scoring the split twice): exactly what the one scorer gives that model."""
+    from pipeline import train
+    from pipeline.perplexity import score_stream
+    from pipeline.training import load_model
+    from tests.test_faults import small_train_params
+
+    params = small_train_params(epochs=2)  # two validation points: best.pt may be either
+    metrics = train.train_and_score("custom", "window", ptb_small, tmp_path / "ckpt",
+                                    tmp_path / "m.pt", tmp_path / "curve.json", params)
+    fresh = score_stream(load_model(tmp_path / "m.pt"), PreparedCorpus(ptb_small).ids("valid"),
+                         params.eval_chunk, 0)
+    assert {k: metrics[k] for k in ("valid_ppl", "valid_nll_nats", "valid_tokens")} == \
+        fresh.metrics("valid", "word")
+
+
 # --- item 9: an expected error is one line, a bug keeps its traceback ------------------------
 def run_module(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
