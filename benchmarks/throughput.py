@@ -70,17 +70,46 @@ def matmul_parameters(model: LanguageModel) -> int:
     return model.num_parameters() - (0 if tied else net.embed.weight.numel())
 
 
+def setup(preset: str, model_name: str, vocab: int, device: str):
+    """(train params, model, optimizer, training config, a (B, T+1) batch of random ids)
+    for PTB's resolved settings of `model_name` under `preset`."""
+    params = dataclasses.replace(load_section("train", TrainParams), preset=preset)
+    spec = params.spec("ptb", model_name)
+    torch.manual_seed(0)
+    model = LanguageModel(spec.for_vocabulary(vocab)).to(device)
+    cfg = spec.training
+    x = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1), device=device)
+    return params, model, make_optimizer(model, cfg), cfg, x
+
+
+def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bool,
+                 steps: int = 10, top: int = 8) -> list[tuple[str, float]]:
+    """Where `train_step`'s time goes: the `top` operators by self time (torch.profiler),
+    as (name, share of the profiled time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, model, opt, cfg, x = setup(preset, model_name, vocab, device)
+    state = None
+    for _ in range(3):  # warm-up
+        state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg, autocast=bf16).state
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
+                               autocast=bf16).state
+        sync(device)
+    ops = prof.key_averages()
+    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    total = sum(getattr(op, attr) for op in ops)
+    ranked = sorted(ops, key=lambda op: getattr(op, attr), reverse=True)[:top]
+    return [(op.key, getattr(op, attr) / total) for op in ranked]
+
+
 def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: int,
             device: str, bf16: bool) -> dict:
     """One model's figures (run in a fresh process on CPU, for its own peak RSS)."""
-    params = load_section("train", TrainParams)
-    params = dataclasses.replace(params, preset=preset)
-    spec = params.spec("ptb", model_name)
-    cfg = spec.training
-    torch.manual_seed(0)
-    model = LanguageModel(spec.for_vocabulary(vocab)).to(device)
-    opt = make_optimizer(model, cfg)
-    x = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1), device=device)
+    params, model, opt, cfg, x = setup(preset, model_name, vocab, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     state = None
@@ -112,6 +141,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eval-tokens", type=int, default=20_000)
+    parser.add_argument("--profile", default="lstm2", metavar="MODEL",
+                        help="profile this model's training step under the first preset "
+                        "('' = none)")
     args = parser.parse_args()
     params = load_section("train", TrainParams)
     device = pick_device(params.device)
@@ -142,6 +174,13 @@ def main() -> None:
               f"| {r['train_tok_s']:,.0f} | {r['eval_tok_s']:,.0f} | {r['gflop_s']:,.1f} "
               f"| {r['gflop_s'] / peak['bf16' if r['bf16'] else 'fp32']:.0%} "
               f"| {r['peak_mib']:,.0f} |" for r in rows]
+    if args.profile:
+        for bf16 in precisions:
+            shares = profile_step(args.presets[0], args.profile, args.vocab, device, bf16)
+            lines += ["", f"Where the {args.presets[0]} {args.profile} training step spends "
+                      f"its time, {'bf16 autocast' if bf16 else 'fp32'} (torch.profiler, self "
+                      "time of the top operators):", "", "| operator | share |", "|---|---|"]
+            lines += [f"| `{name}` | {share:.0%} |" for name, share in shares]
     text = "\n".join(lines) + "\n"
     print(text)
     write_text(Path(__file__).parent / "results" / f"throughput-{device}.md", text)

@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "regression.yaml"
 BASELINE = REPO / "tests" / "regression_baseline.json"
 BIN = Path(sys.executable).parent
-PTB_SLICE_LINES = {"train": 4000, "valid": 400, "test": 400}
+PTB_SLICE_LINES = {"train": 2000, "valid": 300, "test": 300}  # CI time
 TOLERANCE = {"ngram": 1e-4, "neural": 0.01, "floor": 1e-9}
 EXACT = ("valid_tokens", "test_tokens", "vocab_size", "epochs")
 # from the metrics files: compared within the row family's TOLERANCE, or exactly
