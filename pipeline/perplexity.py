@@ -8,8 +8,10 @@ every metrics file records the token count behind its number.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 LN10 = math.log(10.0)
 
@@ -53,6 +55,31 @@ class SplitScore:
             # every token of a character corpus is one character (<eos> is the newline)
             out[f"{split}_bpc"] = round(self.bits_per_token, 5)
         return out
+
+
+def scoring_setup(chunk: int, device: str) -> dict:
+    """What the last digits of a neural score depend on besides the weights and the split:
+    this scorer's code, the chunk, the device and its kernels, torch, the thread count.
+    The same weights scored under the same setup give the same number, bit for bit."""
+    import torch
+
+    kernels = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+    return {"scorer": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+            "chunk": chunk, "device": device, "kernels": kernels, "torch": str(torch.__version__),
+            "threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what Python knows of it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        import platform
+
+        return platform.processor() or "cpu"
+    return next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "cpu")
 
 
 def score_stream(model, ids, chunk: int, eos_id: int, device: str = "cpu") -> SplitScore:

@@ -35,7 +35,7 @@ from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
 from pipeline.networks import KINDS
 from pipeline.params import ParamsError, load_section
-from pipeline.perplexity import SplitScore, score_stream
+from pipeline.perplexity import SplitScore, score_stream, scoring_setup
 from pipeline.presets import TrainParams
 from pipeline.training import TrainingInterrupted, load_checkpoint, load_model, train_model
 
@@ -57,8 +57,8 @@ def bf16_products(device: str) -> bool:
     AVX-512 BF16 or AMX emulates them, hundreds of times slower than fp32)."""
     import torch
 
-    if device == "cpu":
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device == "cpu":  # (oneDNN's own check also accepts AVX-512 CPUs without BF16)
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return device.startswith("cuda") and torch.cuda.is_bf16_supported()
 
 
@@ -220,8 +220,9 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
     chosen = load_checkpoint(out).get("valid_score")  # valid, scored when best.pt was chosen
     for split in ("valid", "test"):
         if split == "valid" and chosen is not None and \
-                (chosen["eval_chunk"], chosen["device"]) == (params.eval_chunk, device):
-            # the same weights, scorer, chunk and device give the same number: not scored twice
+                chosen["setup"] == scoring_setup(params.eval_chunk, device):
+            # the same weights under the same scoring setup give the same number: not
+            # scored twice (a finished run found under another scorer or machine is)
             score = SplitScore(chosen["nll"], chosen["tokens"])
         else:
             with out_of_memory_advice(corpus, model, device, params, scoring=True):
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         params.validate("train")
     if params.nproc > 1 and not distributed.launched():
         check_ranks(params, args.corpus, args.model, params.nproc)  # one line, not N
+        bf16_training(pick_device(params.device), params)  # likewise
         command = distributed.torchrun_command(
             params.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
         print(f"train.nproc {params.nproc}: {' '.join(command)}", flush=True)

@@ -58,7 +58,7 @@ from pipeline.atomic import atomic_path
 from pipeline.distributed import RANK_SEED_STRIDE, SINGLE, World, wrap
 from pipeline.errors import UserError
 from pipeline.networks import LanguageModel, NetworkConfig, detach
-from pipeline.perplexity import SplitScore, stream_nll
+from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
 
 CHECK_EVERY = 50  # steps between host-side loss checks (a .item() is a GPU sync)
 
@@ -281,7 +281,7 @@ def _to_device(state, device: str):
 def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, extra: dict) -> str:
     """What a resume point must match: configuration, data, `extra` and the training code.
-    (Scoring code may change: a finished run is then only re-scored.)"""
+    (Scoring code may change: a finished run is then only re-scored, see scoring_setup.)"""
     h = hashlib.sha256()
     h.update(json.dumps([asdict(net_cfg), asdict(cfg), extra], sort_keys=True).encode())
     for ids in (train_ids, valid_ids):  # a memory map, hashed a block at a time
@@ -560,10 +560,10 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
             save_checkpoint(checkpoint_dir / "best.pt", {
                 "model": run.model.state_dict(), "network": asdict(network),
                 "train": asdict(run.cfg), "step": progress.step, "valid_ppl": valid,
-                # how the valid split scored these weights: the train stage publishes it
-                # instead of scoring the same weights again with the same scorer
+                # how the valid split scored these weights, and under which setup: the
+                # train stage publishes it rather than score the same weights again alike
                 "valid_score": {"nll": valid_nll, "tokens": valid_tokens,
-                                "eval_chunk": eval_chunk, "device": run.device},
+                                "setup": scoring_setup(eval_chunk, run.device)},
                 **run.resume.extra})
     if progress.step % spe == 0:  # an epoch ended
         epoch = progress.step // spe

@@ -18,8 +18,8 @@ its leaderboard and report rows are compared with tests/regression_baseline.json
     n-gram perplexities and bits per char    within TOLERANCE["ngram"] (relative)
     neural perplexities and bits per char    within TOLERANCE["neural"] (relative)
     the synthetic corpus's floor             within TOLERANCE["floor"] (relative)
-    sample text (same seed, temperature      exactly
-    and prompt), and those settings
+    sample text (same seed, temperature      exactly (a neural model's only on the
+    and prompt), and those settings          machine the baseline was recorded on)
     the leaderboard's published-reference    exactly (text); "ours - published"
     cells and the report's "ours -           within the row's tolerance of its test
     published" cell                          perplexity, plus the 0.01 it is rounded to
@@ -172,11 +172,14 @@ def collect(repo: Path) -> dict[str, dict]:
 
 
 def machine() -> dict:
-    """What a neural model's exact trajectory depends on besides the commit: the kernels
-    torch picks for this CPU (AVX2 or AVX-512 round differently) and torch itself."""
+    """What a neural model's exact trajectory depends on besides the commit: the CPU and
+    the kernels torch picks for it (AVX2 or AVX-512 round differently), torch itself."""
     import torch
 
-    return {"family": "machine", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    from pipeline.perplexity import cpu_model
+
+    return {"family": "machine", "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__}
 
 
@@ -254,12 +257,15 @@ def _number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def compare(now: dict[str, dict], baseline: dict[str, dict]) -> list[Moved]:
+def compare(now: dict[str, dict], baseline: dict[str, dict],
+            neural_samples: bool | None = None) -> list[Moved]:
     """What moved. A neural sample is compared only on the machine the baseline was
-    recorded on (MACHINE): elsewhere float rounding takes training along another path,
-    within the perplexity tolerance, but a sampled word can change."""
+    recorded on (MACHINE; `neural_samples` None) or when asked to: elsewhere float
+    rounding takes training along another path, within the perplexity tolerance, but a
+    sampled word can change."""
     moved = []
-    same_machine = now.get(MACHINE) == baseline.get(MACHINE)
+    same_machine = now.get(MACHINE) == baseline.get(MACHINE) if neural_samples is None \
+        else neural_samples
     for row in sorted((set(now) | set(baseline)) - {MACHINE}):
         if row not in now or row not in baseline:
             what = "samples file" if row.endswith("/samples") else "metrics file"
@@ -299,12 +305,16 @@ def render(moved: list[Moved]) -> str:
                     tablefmt="github")
 
 
-def report(now: dict[str, dict], baseline: dict[str, dict]) -> tuple[bool, str]:
-    """(passed, text for the user)."""
-    moved = compare(now, baseline)
+def report(now: dict[str, dict], baseline: dict[str, dict],
+           changed: list[str] | None = None) -> tuple[bool, str]:
+    """(passed, text for the user). `changed`: the params changes of this run (--set),
+    whose neural samples are then not compared either."""
+    moved = compare(now, baseline, neural_samples=False if changed else None)
     checked = sum(len(v) - 1 for k, v in now.items() if k != MACHINE)
     note = ""
-    if now.get(MACHINE) != baseline.get(MACHINE):
+    if changed:
+        note = f" (neural samples not compared: this run changes {', '.join(changed)})"
+    elif now.get(MACHINE) != baseline.get(MACHINE):
         were = {k: v for k, v in (baseline.get(MACHINE) or {}).items() if k != "family"}
         here = {k: v for k, v in now[MACHINE].items() if k != "family"}
         note = (f" (neural samples not compared: the baseline was recorded with "
@@ -325,8 +335,8 @@ def change_params(path: Path, changes: list[str]) -> None:
         *parents, last = key.split(".")
         node = params
         for part in parents:
-            node = node[part]
-        if last not in node:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
             raise SystemExit(f"--set {change}: no params key {key}")
         node[last] = yaml.safe_load(value)
         print(f"regression: {key} = {node[last]!r}", flush=True)
@@ -345,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                         "train.cpu_bf16=true: is it within the baseline's tolerances? "
                         "(repeatable; not with --update)")
     args = parser.parse_args(argv)
-    if args.update and args.set:
-        parser.error("--update writes the baseline of the configuration as committed: no --set")
+    if args.set and (args.update or args.keep):
+        parser.error("--set checks a change against the baseline; --update and --keep are "
+                     "for the configuration as committed")
     from tests.conftest import mirror_path
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="lmb-regression-"))
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             BASELINE.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
             print(f"wrote {BASELINE} ({len(now)} rows); review and commit it")
             return 0
-        passed, text = report(now, json.loads(BASELINE.read_text()))
+        passed, text = report(now, json.loads(BASELINE.read_text()), changed=args.set)
         print(text)
         return 0 if passed and done.returncode == 0 else 1
     finally:

@@ -16,9 +16,9 @@ from tests.regression import BIN
 READERS = tuple(run for stage, run in (("sample", "samples"), ("analyse", "analysis"))
                 if stage in yaml.safe_load((regression.REPO / "dvc.yaml").read_text())["stages"])
 
-# another seed (a new key of the model layer, hence `+`): a change that reaches both
-# corpora (the corpus layers of the
-# quick preset and of tests/regression.yaml set other keys, e.g. synthetic's lr)
+# another seed (a new key of the model layer, hence `+`): a change that reaches the model on
+# every corpus (the corpus layers of the quick preset and of tests/regression.yaml set other
+# keys, e.g. synthetic's lr), reproduced on one of them below
 EXPERIMENTS = {"window-seed2": "+train.presets.quick.models.window.seed=2",
                "rnn-seed2": "+train.presets.quick.models.rnn.seed=2"}
 # what each experiment reproduces: one corpus's readers of every model (CI's time: the

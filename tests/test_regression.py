@@ -83,8 +83,10 @@ def test_changed_learning_rate_fails_with_a_table(pipeline_run, tmp_path):
     params["train"]["presets"]["quick"]["models"]["window"]["lr"] *= 10
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     corpora = regression.configuration()["corpora"]
-    # the window model of every corpus (what reads it, downstream, would only repeat them)
-    done = regression.repro(repo, env, *(f"train@{c}-window" for c in corpora))
+    # the window model of every corpus, and one corpus's samples (their other readers,
+    # downstream, would only repeat them)
+    done = regression.repro(repo, env, *(f"train@{c}-window" for c in corpora),
+                            "sample@custom")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     passed, text = regression.report(regression.collect(repo), baseline())
     print(text)

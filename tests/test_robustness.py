@@ -4,6 +4,7 @@ editor saves it gives exactly the numbers of its plain copy; blank lines follow 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import os
 import re
 import shutil
@@ -267,21 +268,36 @@ def test_a_vocabulary_change_that_keeps_the_ids_retrains_the_model(ptb_small, tm
     assert second["valid_ppl"] == first["valid_ppl"]  # same ids, same model, trained again
 
 
-def test_the_published_valid_score_is_the_scorer_on_the_published_model(ptb_small, tmp_path):
+def test_the_published_valid_score_is_the_scorer_on_the_published_model(ptb_small, tmp_path,
+                                                                        monkeypatch):
     """The train stage publishes the valid score its validation point measured when it chose
-    best.pt (not scoring the split twice): exactly what the one scorer gives that model."""
+    best.pt (not scoring the split twice): exactly what the one scorer gives that model
+    under the same setup. Under another setup (here another chunk) it scores again."""
     from pipeline import train
     from pipeline.perplexity import score_stream
     from pipeline.training import load_model
     from tests.test_faults import small_train_params
 
+    scored = []  # the splits the stage scores itself, after training
+    monkeypatch.setattr(train, "score_stream", lambda model, ids, *args: (
+        scored.append(len(ids)), score_stream(model, ids, *args))[1])
+    valid = PreparedCorpus(ptb_small).ids("valid")
+    keys = ("valid_ppl", "valid_nll_nats", "valid_tokens")
     params = small_train_params(epochs=2)  # two validation points: best.pt may be either
-    metrics = train.train_and_score("custom", "window", ptb_small, tmp_path / "ckpt",
-                                    tmp_path / "m.pt", tmp_path / "curve.json", params)
-    fresh = score_stream(load_model(tmp_path / "m.pt"), PreparedCorpus(ptb_small).ids("valid"),
-                         params.eval_chunk, 0)
-    assert {k: metrics[k] for k in ("valid_ppl", "valid_nll_nats", "valid_tokens")} == \
-        fresh.metrics("valid", "word")
+    stage = dict(corpus="custom", model="window", data_dir=ptb_small,
+                 checkpoints=tmp_path / "ckpt", out=tmp_path / "m.pt",
+                 curve=tmp_path / "curve.json")
+    metrics = train.train_and_score(**stage, params=params)
+    assert len(scored) == 1 and scored[0] != len(valid)  # test only
+    fresh = score_stream(load_model(tmp_path / "m.pt"), valid, params.eval_chunk, 0)
+    assert {k: metrics[k] for k in keys} == fresh.metrics("valid", "word")
+    scored.clear()
+    other = dataclasses.replace(params, eval_chunk=7)  # the finished run, found again
+    again = train.train_and_score(**stage, params=other)
+    assert len(scored) == 2  # valid and test
+    rescored = score_stream(load_model(tmp_path / "m.pt"), valid, 7, 0)
+    assert {k: again[k] for k in keys} == rescored.metrics("valid", "word")
+    assert again["valid_ppl"] == pytest.approx(metrics["valid_ppl"], rel=1e-5)
 
 
 # --- item 9: an expected error is one line, a bug keeps its traceback ------------------------

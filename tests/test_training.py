@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.networks import KINDS, NetworkConfig
+from pipeline.train import bf16_products
 from pipeline.training import (
     Plan,
     ResumePoint,
@@ -244,7 +245,7 @@ def test_columns_read_a_memory_mapped_stream_chunk_by_chunk(tmp_path):
     assert torch.equal(x, x_all[2:4, 5:15]) and torch.equal(y, y_all[2:4, 5:15])
 
 
-BF16_CPU = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512 BF16 or AMX
+BF16_CPU = bf16_products("cpu")  # AVX-512 BF16 or AMX
 
 
 @pytest.mark.skipif(not BF16_CPU, reason="this CPU has no bf16 matrix units")
