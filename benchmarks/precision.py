@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.throughput import device_name
 from pipeline.atomic import write_text
 from pipeline.params import load_section
 from pipeline.presets import TrainParams
@@ -54,7 +54,7 @@ def main() -> None:
                                     Path(tmp) / name.split()[0])
     fp32, bf16 = runs["fp32"], runs["bf16 autocast"]
     change = bf16["valid_ppl"] / fp32["valid_ppl"] - 1
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    name = device_name(device)
     lines = [f"bf16 against fp32 training on {device} ({name}, {torch.get_num_threads()} "
              f"threads, CPU capability {torch.backends.cpu.get_cpu_capability()}), torch "
              f"{torch.__version__}: {args.corpus} {args.model}, {params.preset} preset, "

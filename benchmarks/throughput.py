@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import platform
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +33,7 @@ import torch
 from pipeline.atomic import write_text
 from pipeline.networks import LanguageModel
 from pipeline.params import load_section
-from pipeline.perplexity import score_stream
+from pipeline.perplexity import cpu_model, score_stream
 from pipeline.presets import TrainParams
 from pipeline.train import bf16_products, pick_device
 from pipeline.training import make_optimizer, train_step
@@ -60,6 +59,11 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: floa
         sync(device)
     sync(device)
     return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
+
+
+def device_name(device: str) -> str:
+    """The GPU's or the CPU's model name, for the results' header."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model()
 
 
 def matmul_parameters(model: LanguageModel) -> int:
@@ -147,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_section("train", TrainParams)
     device = pick_device(params.device)
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    name = device_name(device)
     peak = {"fp32": matmul_peak(device, torch.float32),
             "bf16": matmul_peak(device, torch.bfloat16) if bf16_products(device) else 0.0}
     precisions = (False, True) if peak["bf16"] else (False,)

@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params change over the regression configuration, e.g. "
                         "train.cpu_bf16=true: is it within the baseline's tolerances? "
-                        "(repeatable; not with --update)")
+                        "(repeatable; not with --update or --keep)")
     args = parser.parse_args(argv)
     if args.set and (args.update or args.keep):
         parser.error("--set checks a change against the baseline; --update and --keep are "

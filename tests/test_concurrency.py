@@ -12,9 +12,10 @@ import yaml
 from tests import regression
 from tests.regression import BIN
 
-# the per-corpus stages that read every model of their corpus rerun too: their MLflow runs
-READERS = tuple(run for stage, run in (("sample", "samples"), ("analyse", "analysis"))
-                if stage in yaml.safe_load((regression.REPO / "dvc.yaml").read_text())["stages"])
+# the per-corpus stages that read every model of their corpus rerun too: stage -> MLflow run
+READER_STAGES = {stage: run for stage, run in (("sample", "samples"), ("analyse", "analysis"))
+                 if stage in yaml.safe_load((regression.REPO / "dvc.yaml").read_text())["stages"]}
+READERS = tuple(READER_STAGES.values())
 
 # another seed (a new key of the model layer, hence `+`): a change that reaches the model on
 # every corpus (the corpus layers of the quick preset and of tests/regression.yaml set other
@@ -24,9 +25,7 @@ EXPERIMENTS = {"window-seed2": "+train.presets.quick.models.window.seed=2",
 # what each experiment reproduces: one corpus's readers of every model (CI's time: the
 # other corpora would repeat the same stages), so the changed model retrains there first
 CORPUS = "custom"
-TARGETS = tuple(f"{stage}@{CORPUS}" for stage, run in (("sample", "samples"),
-                                                        ("analyse", "analysis"))
-                if run in READERS)
+TARGETS = tuple(f"{stage}@{CORPUS}" for stage in READER_STAGES)
 
 
 def dvc(repo: Path, env: dict, *args: str) -> str:
