@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.throughput import device_name
 from pipeline.atomic import write_text
+from pipeline.hostmemory import reuse_freed_memory
 from pipeline.params import load_section
 from pipeline.presets import TrainParams
 from pipeline.train import bf16_products, pick_device, train_and_score
@@ -44,6 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_section("train", TrainParams)
     device = pick_device(params.device)
+    reuse_freed_memory()  # as the train stage's process does
     if not bf16_products(device):
         raise SystemExit(f"{device}: no hardware bf16 matrix products here; nothing to compare")
     runs = {}

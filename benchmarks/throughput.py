@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_text
+from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import LanguageModel
 from pipeline.params import load_section
 from pipeline.perplexity import cpu_model, score_stream
@@ -76,7 +77,9 @@ def matmul_parameters(model: LanguageModel) -> int:
 
 def setup(preset: str, model_name: str, vocab: int, device: str):
     """(train params, model, optimizer, training config, a (B, T+1) batch of random ids)
-    for PTB's resolved settings of `model_name` under `preset`."""
+    for PTB's resolved settings of `model_name` under `preset`; the process reuses freed
+    memory as the train stage does."""
+    reuse_freed_memory()
     params = dataclasses.replace(load_section("train", TrainParams), preset=preset)
     spec = params.spec("ptb", model_name)
     torch.manual_seed(0)

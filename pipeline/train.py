@@ -33,6 +33,7 @@ from pipeline import distributed, tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
+from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS
 from pipeline.params import ParamsError, load_section
 from pipeline.perplexity import SplitScore, score_stream, scoring_setup
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             params.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
         print(f"train.nproc {params.nproc}: {' '.join(command)}", flush=True)
         os.execv(command[0], command)  # the stage becomes torchrun (DVC waits on it)
+    reuse_freed_memory()  # a fifth faster on CPU, the same numbers (pipeline/hostmemory.py)
     try:
         with distributed.initialised(pick_device(params.device)) as world:
             if world.is_main:
