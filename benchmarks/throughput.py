@@ -1,19 +1,21 @@
 """Training and evaluation throughput of every architecture, against the machine's peak.
 
-    python benchmarks/throughput.py [--presets quick small medium] [--steps 20]
+    python benchmarks/throughput.py [--presets quick small medium] [--steps 30]
 
 For each preset and model: training tokens/s through the train stage's own step
 (`pipeline.training.train_step`, with the preset's optimizer, loss and clip) on
 random token ids over a PTB-sized vocabulary (throughput does not depend on the
-text), after 3 warm-up steps; exact-evaluation tokens/s through the one scorer
-(`score_stream`); peak memory (resident set size of a fresh process per model on
-CPU, `torch.cuda.max_memory_allocated` on GPU); and the achieved fraction of the
+text), after 3 warm-up steps, the median of groups of 5 steps; exact-evaluation
+tokens/s through the one scorer (`score_stream`), the fastest of 3 passes; peak
+memory (resident set size of a fresh process per model on CPU,
+`torch.cuda.max_memory_allocated` on GPU); and the achieved fraction of the
 matrix-product peak measured in the same run (a large fp32 and bf16 matmul).
 Where bf16 products have hardware support (CUDA, or a CPU with AVX-512 BF16 or AMX),
 every model is measured twice: fp32, and training under bf16 autocast (`train.bf16` on
 CUDA, `train.cpu_bf16` on a CPU); evaluation is fp32 in both rows, as in the pipeline.
 Useful FLOPs per training token are counted as 6 x the parameters that take part
 in matrix products (2 forward, 4 backward; embedding lookups excluded).
+Each process reuses freed memory as the train stage does (pipeline/hostmemory.py).
 Writes a Markdown table to benchmarks/results/throughput-<device>.md.
 """
 
@@ -23,6 +25,7 @@ import argparse
 import dataclasses
 import multiprocessing
 import resource
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,6 +41,11 @@ from pipeline.perplexity import cpu_model, score_stream
 from pipeline.presets import TrainParams
 from pipeline.train import bf16_products, pick_device
 from pipeline.training import make_optimizer, train_step
+
+# A row's training figure is the median of groups of GROUP steps, its evaluation figure
+# the fastest of EVAL_PASSES passes: a moment of load on a shared machine does not move it
+GROUP = 5
+EVAL_PASSES = 3
 
 
 def sync(device: str) -> None:
@@ -120,19 +128,27 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     state = None
-    for step in range(3 + steps):  # the train stage's own step, after 3 warm-up steps
-        if step == 3:
-            sync(device)
-            started = time.perf_counter()
+    for _ in range(3):  # warm-up
         state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
                            autocast=bf16).state
-    sync(device)
-    train_tps = steps * cfg.batch_size * cfg.bptt / (time.perf_counter() - started)
+    group_seconds = []  # the train stage's own step, timed GROUP steps at a time
+    for _ in range(max(steps // GROUP, 1)):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(GROUP):
+            state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
+                               autocast=bf16).state
+        sync(device)
+        group_seconds.append(time.perf_counter() - started)
+    train_tps = GROUP * cfg.batch_size * cfg.bptt / statistics.median(group_seconds)
     ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
-    started = time.perf_counter()
-    score_stream(model, ids, params.eval_chunk, 0, device)
-    sync(device)
-    eval_tps = eval_tokens / (time.perf_counter() - started)
+    pass_seconds = []
+    for _ in range(EVAL_PASSES):
+        started = time.perf_counter()
+        score_stream(model, ids, params.eval_chunk, 0, device)
+        sync(device)
+        pass_seconds.append(time.perf_counter() - started)
+    eval_tps = eval_tokens / min(pass_seconds)
     memory = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"preset": preset, "model": model_name, "parameters": model.num_parameters(),
@@ -146,8 +162,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["quick", "small"])
     parser.add_argument("--vocab", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--eval-tokens", type=int, default=20_000)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eval-tokens", type=int, default=10_000)
     parser.add_argument("--profile", default="lstm2", metavar="MODEL",
                         help="profile this model's training step under the first preset "
                         "('' = none)")
