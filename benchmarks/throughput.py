@@ -85,9 +85,7 @@ def matmul_parameters(model: LanguageModel) -> int:
 
 def setup(preset: str, model_name: str, vocab: int, device: str):
     """(train params, model, optimizer, training config, a (B, T+1) batch of random ids)
-    for PTB's resolved settings of `model_name` under `preset`; the process reuses freed
-    memory as the train stage does."""
-    reuse_freed_memory()
+    for PTB's resolved settings of `model_name` under `preset`."""
     params = dataclasses.replace(load_section("train", TrainParams), preset=preset)
     spec = params.spec("ptb", model_name)
     torch.manual_seed(0)
@@ -121,17 +119,15 @@ def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bo
     return [(op.key, getattr(op, attr) / total) for op in ranked]
 
 
-def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: int,
-            device: str, bf16: bool) -> dict:
-    """One model's figures (run in a fresh process on CPU, for its own peak RSS)."""
-    params, model, opt, cfg, x = setup(preset, model_name, vocab, device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+def train_tokens_per_s(model, opt, cfg, x: torch.Tensor, steps: int, device: str,
+                       bf16: bool) -> float:
+    """Training tokens/s of the train stage's own step on the (B, T+1) ids `x`: the median
+    of groups of GROUP steps (at least one group), after 3 warm-up steps."""
     state = None
-    for _ in range(3):  # warm-up
+    for _ in range(3):
         state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
                            autocast=bf16).state
-    group_seconds = []  # the train stage's own step, timed GROUP steps at a time
+    group_seconds = []
     for _ in range(max(steps // GROUP, 1)):
         sync(device)
         started = time.perf_counter()
@@ -140,15 +136,29 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
                                autocast=bf16).state
         sync(device)
         group_seconds.append(time.perf_counter() - started)
-    train_tps = GROUP * cfg.batch_size * cfg.bptt / statistics.median(group_seconds)
-    ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
+    return GROUP * cfg.batch_size * cfg.bptt / statistics.median(group_seconds)
+
+
+def eval_tokens_per_s(model, ids: np.ndarray, chunk: int, device: str) -> float:
+    """Exact-evaluation tokens/s of the one scorer over `ids`: the fastest of EVAL_PASSES."""
     pass_seconds = []
     for _ in range(EVAL_PASSES):
         started = time.perf_counter()
-        score_stream(model, ids, params.eval_chunk, 0, device)
+        score_stream(model, ids, chunk, 0, device)
         sync(device)
         pass_seconds.append(time.perf_counter() - started)
-    eval_tps = eval_tokens / min(pass_seconds)
+    return len(ids) / min(pass_seconds)
+
+
+def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: int,
+            device: str, bf16: bool) -> dict:
+    """One model's figures (run in a fresh process on CPU, for its own peak RSS)."""
+    params, model, opt, cfg, x = setup(preset, model_name, vocab, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    train_tps = train_tokens_per_s(model, opt, cfg, x, steps, device, bf16)
+    ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
+    eval_tps = eval_tokens_per_s(model, ids, params.eval_chunk, device)
     memory = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"preset": preset, "model": model_name, "parameters": model.num_parameters(),
@@ -162,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["quick", "small"])
     parser.add_argument("--vocab", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30,
+                        help=f"timed training steps per row, in groups of {GROUP}")
     parser.add_argument("--eval-tokens", type=int, default=10_000)
     parser.add_argument("--profile", default="lstm2", metavar="MODEL",
                         help="profile this model's training step under the first preset "
@@ -170,6 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_section("train", TrainParams)
     device = pick_device(params.device)
+    reuse_freed_memory()  # as the train stage's process does (so do the workers below)
     name = device_name(device)
     peak = {"fp32": matmul_peak(device, torch.float32),
             "bf16": matmul_peak(device, torch.bfloat16) if bf16_products(device) else 0.0}
@@ -178,7 +190,7 @@ def main() -> None:
             for p in args.presets for m in params.models for bf16 in precisions]
     if device == "cpu":  # a fresh process per model: its own peak resident memory
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                 max_tasks_per_child=1) as pool:
+                                 max_tasks_per_child=1, initializer=reuse_freed_memory) as pool:
             rows = list(pool.map(measure, *zip(*jobs, strict=True)))
     else:
         rows = [measure(*job) for job in jobs]

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             params.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
         print(f"train.nproc {params.nproc}: {' '.join(command)}", flush=True)
         os.execv(command[0], command)  # the stage becomes torchrun (DVC waits on it)
-    reuse_freed_memory()  # a fifth faster on CPU, the same numbers (pipeline/hostmemory.py)
+    reuse_freed_memory()  # faster on CPU, the same numbers (pipeline/hostmemory.py)
     try:
         with distributed.initialised(pick_device(params.device)) as world:
             if world.is_main:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import benchmarks.throughput as throughput
-from pipeline import training
+from pipeline import perplexity, training
 
 
 def test_throughput_times_the_train_stages_own_step_and_scorer(monkeypatch):
@@ -17,7 +17,9 @@ def test_throughput_times_the_train_stages_own_step_and_scorer(monkeypatch):
             return function(*args, **kwargs)
         return wrapper
 
-    assert throughput.train_step is training.train_step  # the stage's step, not a copy
+    # the stage's step and the one scorer, not copies
+    assert throughput.train_step is training.train_step
+    assert throughput.score_stream is perplexity.score_stream
     monkeypatch.setattr(throughput, "train_step", counted("train_step", training.train_step))
     monkeypatch.setattr(throughput, "score_stream",
                         counted("score_stream", throughput.score_stream))
