@@ -95,6 +95,14 @@ def setup(preset: str, model_name: str, vocab: int, device: str):
     return params, model, make_optimizer(model, cfg), cfg, x
 
 
+def run_steps(model, opt, cfg, x: torch.Tensor, state, steps: int, bf16: bool):
+    """`steps` calls of the train stage's own step on the (B, T+1) ids `x`; the state."""
+    for _ in range(steps):
+        state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
+                           autocast=bf16).state
+    return state
+
+
 def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bool,
                  steps: int = 10, top: int = 8) -> list[tuple[str, float]]:
     """Where `train_step`'s time goes: the `top` operators by self time (torch.profiler),
@@ -102,15 +110,11 @@ def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bo
     from torch.profiler import ProfilerActivity, profile
 
     _, model, opt, cfg, x = setup(preset, model_name, vocab, device)
-    state = None
-    for _ in range(3):  # warm-up
-        state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg, autocast=bf16).state
+    state = run_steps(model, opt, cfg, x, None, 3, bf16)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
-                               autocast=bf16).state
+        run_steps(model, opt, cfg, x, state, steps, bf16)
         sync(device)
     ops = prof.key_averages()
     attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
@@ -123,17 +127,12 @@ def train_tokens_per_s(model, opt, cfg, x: torch.Tensor, steps: int, device: str
                        bf16: bool) -> float:
     """Training tokens/s of the train stage's own step on the (B, T+1) ids `x`: the median
     of groups of GROUP steps (at least one group), after 3 warm-up steps."""
-    state = None
-    for _ in range(3):
-        state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
-                           autocast=bf16).state
+    state = run_steps(model, opt, cfg, x, None, 3, bf16)  # warm-up
     group_seconds = []
     for _ in range(max(steps // GROUP, 1)):
         sync(device)
         started = time.perf_counter()
-        for _ in range(GROUP):
-            state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
-                               autocast=bf16).state
+        state = run_steps(model, opt, cfg, x, state, GROUP, bf16)
         sync(device)
         group_seconds.append(time.perf_counter() - started)
     return GROUP * cfg.batch_size * cfg.bptt / statistics.median(group_seconds)
