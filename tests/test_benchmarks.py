@@ -1,11 +1,17 @@
-"""The throughput benchmark measures the train stage's own step and the one scorer."""
+"""The throughput benchmark measures the train stage's own step and the one scorer; the
+precision check seeds its runs and judges their means."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+import benchmarks.precision as precision
 import benchmarks.throughput as throughput
 from pipeline import perplexity, training
+from pipeline.params import load_section
+from pipeline.presets import TrainParams
 
 
 def test_throughput_times_the_train_stages_own_step_and_scorer(monkeypatch):
@@ -41,3 +47,38 @@ def test_matrix_product_peak_and_profile_are_real_measurements():
     assert len(shares) == 5 and all(0 < share <= 1 for _, share in shares)
     assert sum(share for _, share in shares) <= 1 + 1e-9
     assert any("mm" in name for name, _ in shares)  # the window model's products
+
+
+def test_precision_check_sets_only_the_seed_and_judges_the_means():
+    params = load_section("train", TrainParams)
+    seeded = precision.with_seed(params, "ptb", 7)
+    assert seeded.spec("ptb", "lstm2").training.seed == 7
+    assert params.spec("ptb", "lstm2").training.seed != 7  # the loaded params untouched
+    assert dataclasses.replace(seeded.spec("ptb", "lstm2").training, seed=1) == \
+        dataclasses.replace(params.spec("ptb", "lstm2").training, seed=1)
+    assert seeded.spec("brown", "lstm2") == params.spec("brown", "lstm2")
+
+    def run(valid):
+        return {"valid_ppl": valid, "test_ppl": valid, "tokens_per_s": 100.0, "wall_s": 1.0}
+
+    # per seed bf16 is 2% worse and 1.5% better; on the means (100.5 against 100.25) +0.25%
+    runs = {("fp32", 1): run(100.0), ("bf16 autocast", 1): run(102.0),
+            ("fp32", 2): run(100.5), ("bf16 autocast", 2): run(100.0 * 0.99)}
+    text = precision.report(runs, [1, 2], "head")
+    assert "(means): +0.25%" in text and ": pass;" in text
+    assert "per seed: +2.00%, -1.49%" in text
+    runs["bf16 autocast", 2] = run(103.0)
+    assert ": FAIL;" in precision.report(runs, [1, 2], "head")
+
+
+def test_precision_check_on_the_regression_configuration_judges_each_model_on_its_means():
+    runs = {("fp32", 1): {"a/lstm": 100.0, "b/gru": 50.0},
+            ("bf16 autocast", 1): {"a/lstm": 101.0, "b/gru": 52.0},
+            ("fp32", 2): {"a/lstm": 102.0, "b/gru": 50.0},
+            ("bf16 autocast", 2): {"a/lstm": 100.0, "b/gru": 51.0}}
+    text = precision.regression_report(runs, [1, 2], "head")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    # a/lstm: 100.5 against 101 (-0.50%), +1.00% and -1.96% per seed, fp32 2% from itself
+    assert "| -0.50% | +1.00%, -1.96% | 2.00% |" in rows["a/lstm"]
+    assert "+3.00% (beyond 1%)" in rows["b/gru"]  # 51.5 against 50
+    assert "1 of 2 models beyond 1% (means over 2 seed(s)): FAIL" in text
