@@ -134,7 +134,8 @@ def main() -> None:
                         help="compare on the regression configuration (tests/regression.py)")
     args = parser.parse_args()
     params = load_section("train", TrainParams)
-    device = pick_device(params.device)
+    # the regression configuration trains on the CPU (train.device: cpu), wherever it runs
+    device = "cpu" if args.regression else pick_device(params.device)
     reuse_freed_memory()  # as the train stage's process does
     if not bf16_products(device):
         raise SystemExit(f"{device}: no hardware bf16 matrix products here; nothing to compare")
