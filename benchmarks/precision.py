@@ -78,21 +78,35 @@ def report(runs: dict, seeds: list[int], head: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def regression_changes(precision: str, seed: int) -> list[str]:
+    """The params changes (tests.regression's KEY=VALUE) for one run of the regression
+    configuration: the precision, and the seed of its preset's defaults (no layer of the
+    regression configuration sets a seed of its own; tests/test_benchmarks.py checks it)."""
+    from tests import regression
+
+    preset = regression.configuration()["train"]["preset"]
+    return [f"train.cpu_bf16={str(precision != 'fp32').lower()}",
+            f"train.presets.{preset}.defaults.seed={seed}"]
+
+
 def regression_runs(seeds: list[int]) -> dict:
     """(precision, seed) -> {corpus/model: valid ppl} of the regression configuration's
     neural models, each pair trained in a fresh workspace by `dvc repro` of the train stages."""
+    import pytest
+
     from tests import regression
     from tests.conftest import mirror_path
 
+    try:
+        mirror = mirror_path()
+    except pytest.fail.Exception as exc:  # no corpora mirror: say so in one line
+        raise SystemExit(str(exc)) from None
     runs = {}
     for seed in seeds:
         for name in PRECISIONS:
             with tempfile.TemporaryDirectory(prefix="lmb-precision-") as tmp:
-                repo, env = regression.make_workspace(Path(tmp), mirror_path())
-                regression.change_params(repo / "params.yaml", [
-                    f"train.cpu_bf16={str(name != 'fp32').lower()}",
-                    f"train.presets.{regression.configuration()['train']['preset']}"
-                    f".defaults.seed={seed}"])
+                repo, env = regression.make_workspace(Path(tmp), mirror)
+                regression.change_params(repo / "params.yaml", regression_changes(name, seed))
                 done = regression.repro(repo, env, "--glob", "train@*")
                 if done.returncode != 0:
                     raise SystemExit(f"dvc repro failed ({name}, seed {seed}):\n"
@@ -100,6 +114,12 @@ def regression_runs(seeds: list[int]) -> dict:
                 runs[name, seed] = {row: v["valid_ppl"] for row, v in
                                     regression.collect(repo).items() if v["family"] == "neural"}
             print(f"{name}, seed {seed}: {len(runs[name, seed])} models trained", flush=True)
+    first = runs["fp32", seeds[0]]
+    for key, models in runs.items():
+        if models.keys() != first.keys():  # a stage that failed without failing dvc repro
+            missing = sorted(first.keys() ^ models.keys())
+            raise SystemExit(f"{key[0]}, seed {key[1]}: not the same models as fp32, seed "
+                             f"{seeds[0]} (differ: {', '.join(missing)}); nothing compared")
     return runs
 
 
@@ -133,6 +153,8 @@ def main() -> None:
     parser.add_argument("--regression", action="store_true",
                         help="compare on the regression configuration (tests/regression.py)")
     args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
     params = load_section("train", TrainParams)
     # the regression configuration trains on the CPU (train.device: cpu), wherever it runs
     device = "cpu" if args.regression else pick_device(params.device)

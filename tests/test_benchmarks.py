@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import yaml
 
 import benchmarks.precision as precision
 import benchmarks.throughput as throughput
@@ -58,15 +59,17 @@ def test_precision_check_sets_only_the_seed_and_judges_the_means():
         dataclasses.replace(params.spec("ptb", "lstm2").training, seed=1)
     assert seeded.spec("brown", "lstm2") == params.spec("brown", "lstm2")
 
-    def run(valid):
-        return {"valid_ppl": valid, "test_ppl": valid, "tokens_per_s": 100.0, "wall_s": 1.0}
+    def run(valid, speed=100.0):
+        return {"valid_ppl": valid, "test_ppl": valid, "tokens_per_s": speed, "wall_s": 1.0}
 
     # per seed bf16 is 2% worse and 1.5% better; on the means (100.5 against 100.25) +0.25%
-    runs = {("fp32", 1): run(100.0), ("bf16 autocast", 1): run(102.0),
-            ("fp32", 2): run(100.5), ("bf16 autocast", 2): run(100.0 * 0.99)}
+    runs = {("fp32", 1): run(100.0, 90.0), ("bf16 autocast", 1): run(102.0, 140.0),
+            ("fp32", 2): run(100.5, 110.0), ("bf16 autocast", 2): run(100.0 * 0.99, 160.0)}
     text = precision.report(runs, [1, 2], "head")
     assert "(means): +0.25%" in text and ": pass;" in text
     assert "per seed: +2.00%, -1.49%" in text
+    assert "training speed x1.50" in text  # mean 150 against mean 100
+    assert "fp32: mean valid ppl 100.25 over 2 seed(s), valid ppl from 100.00 to 100.50" in text
     runs["bf16 autocast", 2] = run(103.0)
     assert ": FAIL;" in precision.report(runs, [1, 2], "head")
 
@@ -82,3 +85,17 @@ def test_precision_check_on_the_regression_configuration_judges_each_model_on_it
     assert "| -0.50% | +1.00%, -1.96% | 2.00% |" in rows["a/lstm"]
     assert "+3.00% (beyond 1%)" in rows["b/gru"]  # 51.5 against 50
     assert "1 of 2 models beyond 1% (means over 2 seed(s)): FAIL" in text
+
+
+def test_precision_check_seeds_every_model_of_the_regression_configuration(tmp_path):
+    from tests import regression
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(regression.configuration()))
+    regression.change_params(params_file, precision.regression_changes("bf16 autocast", 5))
+    params = load_section("train", TrainParams, params_file)
+    assert params.cpu_bf16
+    for corpus in yaml.safe_load(params_file.read_text())["corpora"]:
+        for model in params.models:  # no model or corpus layer sets a seed of its own
+            assert params.spec(corpus, model).training.seed == 5, (corpus, model)
+    assert precision.regression_changes("fp32", 5)[0] == "train.cpu_bf16=false"
