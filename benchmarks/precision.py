@@ -92,15 +92,9 @@ def regression_changes(precision: str, seed: int) -> list[str]:
 def regression_runs(seeds: list[int]) -> dict:
     """(precision, seed) -> {corpus/model: valid ppl} of the regression configuration's
     neural models, each pair trained in a fresh workspace by `dvc repro` of the train stages."""
-    import pytest
-
     from tests import regression
-    from tests.conftest import mirror_path
 
-    try:
-        mirror = mirror_path()
-    except pytest.fail.Exception as exc:  # no corpora mirror: say so in one line
-        raise SystemExit(str(exc)) from None
+    mirror = regression.mirror()
     runs = {}
     for seed in seeds:
         for name in PRECISIONS:

@@ -86,6 +86,19 @@ def configuration(params: Path = REPO / "params.yaml") -> dict:
     return merge(yaml.safe_load(params.read_text()), yaml.safe_load(CONFIG.read_text()))
 
 
+def mirror() -> Path:
+    """The corpora mirror (tests/conftest.py's rule) for a command-line run: without one,
+    a one-line exit naming where it looked, not pytest's failure outside pytest."""
+    import pytest
+
+    from tests.conftest import mirror_path
+
+    try:
+        return mirror_path()
+    except pytest.fail.Exception as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def make_workspace(root: Path, mirror: Path) -> tuple[Path, dict]:
     """A git-initialised copy of the repository under root/repo, configured for the
     regression; returns it and the environment to run DVC in."""
@@ -358,12 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.set and (args.update or args.keep):
         parser.error("--set checks a change against the baseline; --update and --keep are "
                      "for the configuration as committed")
-    from tests.conftest import mirror_path
-
     root = args.keep or Path(tempfile.mkdtemp(prefix="lmb-regression-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        repo, env = make_workspace(root, mirror_path())
+        repo, env = make_workspace(root, mirror())
         change_params(repo / "params.yaml", args.set)
         print(f"regression: dvc repro in {repo} ...", flush=True)
         started = time.monotonic()
