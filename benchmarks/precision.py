@@ -11,7 +11,8 @@ scored in fp32 by the one scorer. The check the precision setting must pass: val
 perplexity within 1% of fp32's (issue 10), on the mean over the seeds. Two trainings
 that differ only in rounding drift apart like two seeds do, so the seeds also measure how
 far fp32 lands from itself: the band the 1% is to be read against. Needs the corpus
-prepared (`dvc repro prepare@ptb`). Writes benchmarks/results/precision-<device>.md.
+prepared (`dvc repro prepare@ptb`). Writes benchmarks/results/precision-<device>.md
+(--results: another folder).
 
 --regression runs the same comparison on the regression configuration instead
 (tests/regression.py: its corpora, every neural model, tiny, one thread), its train
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.throughput import device_name
+from benchmarks.throughput import RESULTS, device_name
 from pipeline.atomic import write_text
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.params import load_section
@@ -137,7 +138,7 @@ def regression_report(runs: dict, seeds: list[int], head: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="ptb")
     parser.add_argument("--model", default="lstm2")
@@ -146,7 +147,8 @@ def main() -> None:
                         help="train each precision once per seed; judged on the means")
     parser.add_argument("--regression", action="store_true",
                         help="compare on the regression configuration (tests/regression.py)")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table goes")
+    args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
     params = load_section("train", TrainParams)
@@ -162,7 +164,7 @@ def main() -> None:
                 "valid perplexity of every neural model; scored in fp32")
         text = regression_report(regression_runs(args.seeds), args.seeds, head)
         print(text)
-        write_text(Path(__file__).parent / "results" / "precision-regression-cpu.md", text)
+        write_text(args.results / "precision-regression-cpu.md", text)
         return
     runs = {}
     with tempfile.TemporaryDirectory(prefix="lmb-precision-") as tmp:
@@ -183,7 +185,7 @@ def main() -> None:
             f"training tokens ({fp32['epochs']:g} epochs) per run; scored in fp32")
     text = report(runs, args.seeds, head)
     print(text)
-    write_text(Path(__file__).parent / "results" / f"precision-{device}.md", text)
+    write_text(args.results / f"precision-{device}.md", text)
 
 
 if __name__ == "__main__":

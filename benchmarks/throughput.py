@@ -16,7 +16,7 @@ CUDA, `train.cpu_bf16` on a CPU); evaluation is fp32 in both rows, as in the pip
 Useful FLOPs per training token are counted as 6 x the parameters that take part
 in matrix products (2 forward, 4 backward; embedding lookups excluded).
 Each process reuses freed memory as the train stage does (pipeline/hostmemory.py).
-Writes a Markdown table to benchmarks/results/throughput-<device>.md.
+Writes a Markdown table to benchmarks/results/throughput-<device>.md (--results: elsewhere).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from pipeline.training import make_optimizer, train_step
 # the fastest of EVAL_PASSES passes: a moment of load on a shared machine does not move it
 GROUP = 5
 EVAL_PASSES = 3
+RESULTS = Path(__file__).parent / "results"
 
 
 def sync(device: str) -> None:
@@ -167,7 +168,7 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
             "peak_mib": memory / 2**20}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["quick", "small"])
     parser.add_argument("--vocab", type=int, default=10_000)
@@ -177,7 +178,8 @@ def main() -> None:
     parser.add_argument("--profile", default="lstm2", metavar="MODEL",
                         help="profile this model's training step under the first preset "
                         "('' = none)")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table goes")
+    args = parser.parse_args(argv)
     params = load_section("train", TrainParams)
     device = pick_device(params.device)
     reuse_freed_memory()  # as the train stage's process does (so do the workers below)
@@ -217,7 +219,7 @@ def main() -> None:
             lines += [f"| `{name}` | {share:.0%} |" for name, share in shares]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_text(Path(__file__).parent / "results" / f"throughput-{device}.md", text)
+    write_text(args.results / f"throughput-{device}.md", text)
 
 
 if __name__ == "__main__":

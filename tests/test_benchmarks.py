@@ -1,9 +1,14 @@
 """The throughput benchmark measures the train stage's own step and the one scorer; the
-precision check seeds its runs and judges their means."""
+precision check seeds its runs and judges their means; the GPU checklist's trainings run
+without DVC, MLflow or KenLM."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import torch
 import yaml
@@ -12,7 +17,9 @@ import benchmarks.precision as precision
 import benchmarks.throughput as throughput
 from pipeline import perplexity, training
 from pipeline.params import load_section
+from pipeline.prepare import prepare_corpus
 from pipeline.presets import TrainParams
+from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
 
 
 def test_throughput_times_the_train_stages_own_step_and_scorer(monkeypatch):
@@ -99,3 +106,45 @@ def test_precision_check_seeds_every_model_of_the_regression_configuration(tmp_p
         for model in params.models:  # no model or corpus layer sets a seed of its own
             assert params.spec(corpus, model).training.seed == 5, (corpus, model)
     assert precision.regression_changes("fp32", 5)[0] == "train.cpu_bf16=false"
+
+
+def test_gpu_checklist_trains_without_dvc_mlflow_or_kenlm(mirror, tmp_path):
+    """The lent GPU machine has torch but no DVC, MLflow or KenLM: the checklist's
+    trainings run with those imports refused (here on the CPU, on the first lines of PTB,
+    the presets shrunk), and two trainings from one seed agree bit for bit, as they must
+    on a CPU."""
+    lines = {split: "".join((mirror / "ptb" / f"ptb.{split}.txt").read_text()
+                            .splitlines(keepends=True)[:n])
+             for split, n in (("train", 1000), ("valid", 100), ("test", 100))}
+    raw = write_custom_splits(tmp_path / "raw", lines["train"], lines["valid"], lines["test"])
+    prepare_corpus("custom", raw, tmp_path / "ptb", PREPARE_PARAMS)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    tiny = {"embedding_size": 16, "hidden_size": 16, "epochs": 1, "max_tokens": 14_000}
+    params["train"]["presets"]["quick"]["models"]["lstm2"].update(tiny)
+    params["train"]["presets"]["medium"]["defaults"].update(tiny, evals_per_epoch=1)
+    params["train"]["device"] = "cpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    refuse = ("import sys; sys.modules.update(dict.fromkeys(['mlflow', 'dvc', 'kenlm'])); "
+              "from benchmarks import gpu; gpu.main()")
+    done = subprocess.run([sys.executable, "-c", refuse, "--out", "out", "--data", "ptb",
+                           "medium", "determinism"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out"
+    medium = json.loads((out / "medium-ptb-lstm2.json").read_text())
+    assert medium["preset"] == "medium" and medium["config"]["hidden_size"] == 16
+    assert medium["train_tokens"] >= 14_000 and medium["peak_memory_mib"] > 0
+    # Zaremba et al.'s medium result, shown as context: this run is not their configuration
+    assert medium["published"] == {"valid": 86.2, "test": 82.7, "source": medium["published"][
+        "source"], "same_configuration": False}
+    assert len(json.loads((out / "medium-ptb-lstm2-curve.json").read_text())) == 1
+    determinism = json.loads((out / "determinism.json").read_text())
+    first, second = determinism["runs"]
+    assert first == second and determinism["max_weight_difference"] == 0.0
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("GPU checklist on cpu (")
+    assert f"test {medium['test_ppl']:.2f} (best checkpoint" in summary
+    assert "within 300 s of training: not met" in summary  # a 16-unit model: far above 84
+    assert "the same numbers and weights, bit for bit" in summary
+    assert (tmp_path / "models" / "gpu-checklist" / "medium-ptb-lstm2" / "model.pt").exists()
