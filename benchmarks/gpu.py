@@ -37,6 +37,7 @@ import torch
 
 from benchmarks import precision, throughput
 from pipeline.atomic import write_json, write_text
+from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.params import load_section
 from pipeline.presets import TrainParams
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

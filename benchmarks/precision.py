@@ -34,7 +34,10 @@ import torch
 
 from benchmarks.throughput import RESULTS, device_name
 from pipeline.atomic import write_text
+from pipeline.corpora import CORPUS_NAMES
+from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
+from pipeline.networks import KINDS
 from pipeline.params import load_section
 from pipeline.presets import TrainParams
 from pipeline.train import bf16_products, pick_device, train_and_score
@@ -140,8 +143,8 @@ def regression_report(runs: dict, seeds: list[int], head: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default="ptb")
-    parser.add_argument("--model", default="lstm2")
+    parser.add_argument("--corpus", default="ptb", choices=CORPUS_NAMES)
+    parser.add_argument("--model", default="lstm2", choices=KINDS)
     parser.add_argument("--data", type=Path, default=Path("data/prepared/ptb"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1],
                         help="train each precision once per seed; judged on the means")
@@ -189,4 +192,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

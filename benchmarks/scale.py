@@ -42,7 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.atomic import write_text  # noqa: E402
+from pipeline.errors import run_stage  # noqa: E402
 from pipeline.kenlm_tools import tool_path  # noqa: E402
+from pipeline.ngram import MEMORY_SIZE  # noqa: E402
 
 WIKITEXT103_TRAIN_TOKENS = 103_227_021  # words + one <eos> per line (Merity et al. 2016)
 HELD_OUT_TOKENS = 100_000
@@ -380,6 +382,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per measurement, best time kept (a shared machine)")
     args = parser.parse_args(argv)
+    bad_size = next((s for s in args.sizes if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", s, re.I)),
+                    None)
+    if bad_size is not None:
+        parser.error(f"--sizes: expected a token count like 500K, 5M or 20000, got {bad_size!r}")
+    if not all(2 <= order <= 6 for order in args.orders):
+        parser.error(f"--orders: each order must be 2..6, got {args.orders}")
+    if not MEMORY_SIZE.fullmatch(args.memory):
+        parser.error(f"--memory: expected a size like 1G or 20%, got {args.memory!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: must be >= 1, got {args.repeats}")
     global REPEATS
     REPEATS = args.repeats
     started_load = load()
@@ -392,4 +404,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

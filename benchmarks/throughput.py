@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from pipeline.atomic import write_text
+from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
-from pipeline.networks import LanguageModel
+from pipeline.networks import KINDS, LanguageModel
 from pipeline.params import load_section
 from pipeline.perplexity import cpu_model, score_stream
 from pipeline.presets import TrainParams
@@ -181,6 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the table goes")
     args = parser.parse_args(argv)
     params = load_section("train", TrainParams)
+    unknown = [p for p in args.presets if p not in params.presets]
+    if unknown:
+        parser.error(f"--presets: unknown preset {unknown[0]!r}; defined: "
+                     f"{', '.join(params.presets)}")
+    if args.profile and args.profile not in KINDS:
+        parser.error(f"--profile: unknown model {args.profile!r}; known: {', '.join(KINDS)}")
+    for name in ("vocab", "steps", "eval_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be positive, got "
+                         f"{getattr(args, name)}")
     device = pick_device(params.device)
     reuse_freed_memory()  # as the train stage's process does (so do the workers below)
     name = device_name(device)
@@ -223,4 +234,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -30,11 +30,12 @@ import torch
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.context import context_use
+from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
-from pipeline.errors import run_stage
+from pipeline.errors import UserError, run_stage
 from pipeline.gradients import gradient_flow
 from pipeline.hostmemory import reuse_freed_memory
-from pipeline.lineup import configured_models, is_ngram
+from pipeline.lineup import is_ngram, models_of
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.params import load_section, require
 from pipeline.training import load_checkpoint, load_model
@@ -76,6 +77,13 @@ class AnalyseParams:
         require(len(self.context.lengths) > 0 and min(self.context.lengths) > 0,
                 f"{key}.context.lengths", f"must be positive, got {list(self.context.lengths)}")
 
+    def check_split(self, tokens: int, key: str = "analyse") -> None:
+        """Refuse gradient windows longer than the split they are drawn from."""
+        g = self.gradients
+        require(g.warmup + g.distance + 2 <= tokens, f"{key}.gradients.distance",
+                f"a window of {g.distance} + 2 tokens after {g.warmup} of warm-up needs "
+                f"{g.warmup + g.distance + 2:,} tokens; the {self.split} split has {tokens:,}")
+
 
 def initial_model(path: Path) -> LanguageModel:
     """The untrained model a checkpoint's run started from (train_model seeds, then builds)."""
@@ -106,11 +114,13 @@ def analyse_corpus(corpus: str, data: Path, models_dir: Path, models: list[str],
     prepared = PreparedCorpus(data)
     vocab = prepared.vocabulary()
     ids = np.asarray(prepared.ids(params.split))
+    if any(model in RECURRENT for model in models):
+        params.check_split(len(ids))
     out: dict[str, dict] = {"gradients": {}, "context": {}, "seconds": {}}
     for model in (m for m in models if not is_ngram(m)):
         path = models_dir / f"{model}.pt"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no trained {model} (run its train stage)")
+            raise UserError(f"{path}: no trained {model} (run its train stage)")
         start = time.perf_counter()
         context, flows = analyse_model(path, ids, kind=model, eos_id=vocab.eos_id,
                                        vocab_digest=vocab.digest(), params=params)
@@ -151,7 +161,7 @@ def metrics_of(results: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--models", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="folder for the JSON files")
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section("analyse", AnalyseParams)
     reuse_freed_memory()  # the same numbers, fewer page faults (pipeline/hostmemory.py)
     results = analyse_corpus(args.corpus, args.data, args.models,
-                             configured_models()[args.corpus], params)
+                             models_of(args.corpus), params)
     names = [name for name in ("gradients", "context", "dependencies") if name in results]
     with atomic_path(args.out, directory=True) as staging:  # all files or none
         for name in names:

@@ -120,6 +120,9 @@ def stream_text_lines(path: Path, block: int | None = None) -> Iterator[str]:
     """`text_lines(read_utf8(path))`, one line at a time, reading `block` bytes at a time
     (READ_BLOCK): memory holds one block and the line that straddles it, whatever the
     file's size."""
+    if not Path(path).is_file():
+        raise CorpusError(f"{path}: no such file; download the corpus first (its download "
+                          "stage: `dvc repro download@<corpus>`)")
     block = block or READ_BLOCK
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     pending = ""  # the start of a line whose break has not been read yet

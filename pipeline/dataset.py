@@ -81,7 +81,11 @@ class PreparedCorpus:
 
     @functools.cached_property
     def meta(self) -> dict:
-        return json.loads((self.folder / VOCAB_FILE).read_text(encoding="utf-8"))
+        path = self.folder / VOCAB_FILE
+        if not path.is_file():
+            raise DataError(f"{self.folder}: no prepared corpus ({VOCAB_FILE} missing); run "
+                            "its prepare stage (`dvc repro prepare@<corpus>`) or `dvc pull`")
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def vocabulary(self) -> Vocabulary:
         meta = self.meta

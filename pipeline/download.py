@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.corpora import (
+    CORPUS_NAMES,
     CUSTOM,
     CUSTOM_SINGLE_FILE,
     CUSTOM_SPLIT_FILES,
@@ -237,7 +238,7 @@ def copy_custom(custom_path: str, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     download_corpus(args.corpus, args.out, load_section("download", DownloadParams))

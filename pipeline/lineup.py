@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.params import PARAMS_FILE, read_params
+from pipeline.params import PARAMS_FILE, ParamsError, read_params
 
 NGRAM_PREFIX = "kn"
 
@@ -30,3 +30,12 @@ def configured_models(path: Path = PARAMS_FILE) -> dict[str, list[str]]:
     neural = params["train"]["models"]
     return {corpus: [*(ngram_name(o) for o in orders), *neural]
             for corpus in params.get("corpora") or []}
+
+
+def models_of(corpus: str, path: Path = PARAMS_FILE) -> list[str]:
+    """configured_models()[corpus], or a ParamsError for a corpus the params do not list."""
+    models = configured_models(path)
+    if corpus not in models:
+        raise ParamsError(f"corpora: {corpus!r} is not listed in {path} (listed: "
+                          f"{', '.join(models)})")
+    return models[corpus]

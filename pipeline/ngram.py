@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
+from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
 from pipeline.errors import UserError, run_stage
 from pipeline.kenlm_tools import KENLM_VERSION, tool_path
@@ -50,6 +51,9 @@ class NgramError(UserError, RuntimeError):
     pass
 
 
+MEMORY_SIZE = re.compile(r"\d+[%bKMGT]?")  # lmplz -S: bytes, a unit, or a share of RAM
+
+
 @dataclass(frozen=True)
 class NgramParams:
     orders: tuple[int, ...]
@@ -66,7 +70,12 @@ class NgramParams:
         # kenlm.Model loads orders 2..6 (an order-1 ARPA is refused; 6 is its compiled maximum)
         for order in self.orders:
             require(2 <= order <= 6, f"{key}.orders", f"each order must be 2..6, got {order}")
-        require(bool(re.fullmatch(r"\d+[%bKMGT]?", self.memory)), f"{key}.memory",
+        require(len(set(self.orders)) == len(self.orders), f"{key}.orders",
+                f"each order once, got {list(self.orders)}")
+        for corpus in self.discount_fallback:
+            require(corpus in CORPUS_NAMES, f"{key}.discount_fallback",
+                    f"unknown corpus {corpus!r}; known: {', '.join(CORPUS_NAMES)}")
+        require(bool(MEMORY_SIZE.fullmatch(self.memory)), f"{key}.memory",
                 f"expected a size like 1G or 20%, got {self.memory!r}")
         prune = list(self.prune)
         require(not prune or (prune[0] == 0 and all(t >= 0 for t in prune)
@@ -229,7 +238,7 @@ def build_ngram(corpus: str, order: int, data_dir: Path, model_path: Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
     parser.add_argument("--order", required=True, type=int)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--model", required=True, type=Path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -24,6 +25,9 @@ import yaml
 from pipeline.errors import UserError, run_stage
 
 PARAMS_FILE = Path("params.yaml")
+# the top-level keys of params.yaml: the corpus list, then one section per stage
+SECTIONS = ("corpora", "download", "prepare", "ngram", "leaderboard", "train", "analyse",
+            "sample")
 T = TypeVar("T")
 
 
@@ -34,9 +38,19 @@ class ParamsError(UserError, ValueError):
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.exists():
         raise ParamsError(f"{path} not found (run stages from the repository root)")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") \
+            from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path} must hold a mapping of sections")
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        raise ParamsError(f"{path}: unknown section {unknown[0]!r} (known: "
+                          f"{', '.join(SECTIONS)})")
     return data
 
 
@@ -93,9 +107,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ParamsError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ParamsError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan passes every `x > 0` check: refused here
+            raise ParamsError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"{key}: expected an integer, got {value!r}")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.corpora import (
+    CORPUS_NAMES,
     CUSTOM,
     SPLITS,
     CorpusError,
@@ -237,7 +238,7 @@ def known_source(path: Path, meta: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
     parser.add_argument("--raw", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)

@@ -21,9 +21,10 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.atomic import write_json, write_text
+from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import EOS, PreparedCorpus, Vocabulary
 from pipeline.errors import run_stage
-from pipeline.lineup import configured_models, is_ngram
+from pipeline.lineup import is_ngram, models_of
 from pipeline.ngram import kenlm_word
 from pipeline.params import load_section, require
 
@@ -39,6 +40,7 @@ class SampleParams:
     def validate(self, key: str) -> None:
         require(0 < self.temperature < math.inf, f"{key}.temperature",
                 f"must be a positive finite number, got {self.temperature}")
+        require(self.seed >= 0, f"{key}.seed", f"must be >= 0, got {self.seed}")
         for name in ("words", "chars"):
             require(getattr(self, name) > 0, f"{key}.{name}",
                     f"must be positive, got {getattr(self, name)}")
@@ -148,14 +150,14 @@ def sample_corpus(corpus: str, data_dir: Path, models_dir: Path, models: list[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--models", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path, help="the Markdown report")
     parser.add_argument("--out-json", required=True, type=Path, help="the same, as data")
     args = parser.parse_args(argv)
     params = load_section("sample", SampleParams)
-    models = configured_models()[args.corpus]
+    models = models_of(args.corpus)
     record = sample_corpus(args.corpus, args.data, args.models, models, params)
     write_json(args.out_json, record)
     write_text(args.out, render_markdown(record))

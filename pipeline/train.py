@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pipeline import distributed, tracking
 from pipeline.atomic import atomic_path, write_json
+from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
 from pipeline.hostmemory import reuse_freed_memory
@@ -239,7 +240,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
     parser.add_argument("--model", required=True, choices=KINDS)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--checkpoints", required=True, type=Path)

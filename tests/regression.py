@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,9 @@ from pathlib import Path
 import yaml
 from tabulate import tabulate
 
+from pipeline.atomic import write_text
 from pipeline.lineup import configured_models
+from pipeline.params import ParamsError, load_section, read_params
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "regression.yaml"
@@ -344,7 +347,9 @@ def change_params(path: Path, changes: list[str]) -> None:
     """Apply `key.sub=value` changes (values read as YAML) to the params file at `path`."""
     params = yaml.safe_load(path.read_text())
     for change in changes:
-        key, _, value = change.partition("=")
+        key, equals, value = change.partition("=")
+        if not equals:
+            raise SystemExit(f"--set {change}: expected KEY=VALUE")
         *parents, last = key.split(".")
         node = params
         for part in parents:
@@ -354,6 +359,27 @@ def change_params(path: Path, changes: list[str]) -> None:
         node[last] = yaml.safe_load(value)
         print(f"regression: {key} = {node[last]!r}", flush=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+    if changes:
+        try:  # before minutes of `dvc repro`: every section as its stage will read it
+            check_sections(path)
+        except ParamsError as exc:
+            raise SystemExit(f"--set {' '.join(changes)}: {exc}") from None
+
+
+def check_sections(path: Path) -> None:
+    """Load every section of the params file at `path` as its stage does (ParamsError)."""
+    from pipeline.analyse import AnalyseParams
+    from pipeline.download import DownloadParams
+    from pipeline.ngram import NgramParams
+    from pipeline.prepare import PrepareParams
+    from pipeline.presets import TrainParams
+    from pipeline.sample import SampleParams
+
+    for section, cls in (("download", DownloadParams), ("prepare", PrepareParams),
+                         ("ngram", NgramParams), ("train", TrainParams),
+                         ("analyse", AnalyseParams), ("sample", SampleParams)):
+        if section in read_params(path):
+            load_section(section, cls, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,8 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.set and (args.update or args.keep):
         parser.error("--set checks a change against the baseline; --update and --keep are "
                      "for the configuration as committed")
+    if args.keep and args.keep.is_dir() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: not empty (a kept run is reused with "
+                     f"LMB_PIPELINE_RUN={args.keep}); give a new or empty folder")
     root = args.keep or Path(tempfile.mkdtemp(prefix="lmb-regression-"))
     root.mkdir(parents=True, exist_ok=True)
+    # a stop by SIGTERM (a CI timeout, `timeout`) unwinds like Ctrl-C: the finally below
+    # removes the temporary workspace, and subprocess.run stops the running dvc
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         repo, env = make_workspace(root, mirror())
         change_params(repo / "params.yaml", args.set)
@@ -388,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             if done.returncode != 0:
                 print("not updating the baseline from a failed run")
                 return 1
-            BASELINE.write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
+            write_text(BASELINE, json.dumps(now, indent=2, sort_keys=True) + "\n")
             print(f"wrote {BASELINE} ({len(now)} rows); review and commit it")
             return 0
         passed, text = report(now, json.loads(BASELINE.read_text()), changed=args.set)

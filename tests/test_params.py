@@ -38,6 +38,9 @@ def test_repository_params_load():
     ({"ngram__orders": [1, 3]}, r"ngram\.orders: each order must be 2\.\.6, got 1"),
     ({"ngram__discount_fallback": True}, r"ngram\.discount_fallback: expected a list"),
     ({"ngram__memory": "lots"}, r"ngram\.memory: expected a size like 1G"),
+    ({"ngram__orders": [5, 5]}, r"ngram\.orders: each order once, got \[5, 5\]"),
+    ({"ngram__discount_fallback": ["ptbx"]},
+     r"ngram\.discount_fallback: unknown corpus 'ptbx'; known: ptb, "),
 ])
 def test_bad_ngram_params_name_the_key(tmp_path, changes, message):
     with pytest.raises(ParamsError, match=message):
@@ -68,3 +71,56 @@ def test_missing_key_is_named(tmp_path):
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"missing key download\.mirror"):
         load_section("download", DownloadParams, path)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    # nan passes every `x > 0` check; clip nan would silently turn clipping off
+    ("train", "clip", float("nan"), r"train\.presets\.quick\.defaults\.clip: expected a "
+     r"finite number, got nan"),
+    ("train", "lr", float("inf"), r"train\.presets\.quick\.defaults\.lr: expected a finite"),
+    ("sample", "seed", -1, r"sample\.seed: must be >= 0, got -1"),
+])
+def test_values_every_check_would_let_through_are_refused(tmp_path, section, key, value,
+                                                          message):
+    from pipeline.presets import TrainParams
+    from pipeline.sample import SampleParams
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    target = params["train"]["presets"]["quick"]["defaults"] if section == "train" \
+        else params[section]
+    target[key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cls = {"train": TrainParams, "sample": SampleParams}[section]
+    with pytest.raises(ParamsError, match=message):
+        load_section(section, cls, path)
+
+
+def test_a_broken_or_misspelt_params_file_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  preset: [quick\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml line 3, column 1: not valid YAML "):
+        load_section("train", dict, path)
+    path.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "params.yaml").read_text()),
+                                    "trian": {"preset": "small"}}))
+    with pytest.raises(ParamsError, match=r"unknown section 'trian' \(known: corpora, "):
+        load_section("train", dict, path)
+
+
+def test_gradient_windows_longer_than_the_split_name_the_key():
+    from pipeline.analyse import AnalyseParams
+
+    params = load_section("analyse", AnalyseParams, REPO / "params.yaml")
+    g = params.gradients
+    params.check_split(g.warmup + g.distance + 2)  # just fits
+    with pytest.raises(ParamsError, match=r"analyse\.gradients\.distance: a window of "):
+        params.check_split(g.warmup + g.distance + 1)
+
+
+def test_a_stage_for_a_corpus_the_params_do_not_list_names_the_list(tmp_path):
+    from pipeline.lineup import models_of
+
+    assert models_of("ptb", REPO / "params.yaml")[0] == "kn2"
+    with pytest.raises(ParamsError, match=r"corpora: 'wikitext2' is not listed in .* \(listed: "
+                                          r"ptb, brown"):
+        models_of("wikitext2", REPO / "params.yaml")

@@ -326,6 +326,36 @@ def test_a_bad_params_value_is_one_clear_line():
     assert done.stderr.startswith("error: unknown model 'lstm7'; known: ")
 
 
+@pytest.mark.parametrize("args, starts", [
+    # a folder with no prepared corpus (a fresh clone before `dvc pull`)
+    (["pipeline.ngram", "--corpus", "ptb", "--order", "2", "--data", "/nonexistent",
+      "--model", "m", "--metrics", "m.json"], "error: /nonexistent: no prepared corpus "),
+    # a corpus not downloaded
+    (["pipeline.prepare", "--corpus", "ptb", "--raw", "/nonexistent", "--out", "out"],
+     "error: /nonexistent/ptb.train.txt: no such file; download the corpus first"),
+    # a corpus params.yaml does not list
+    (["pipeline.sample", "--corpus", "wikitext2", "--data", "d", "--models", "m", "--out",
+      "o.md", "--out-json", "o.json"], "error: corpora: 'wikitext2' is not listed in "),
+    # a model not trained yet
+    (["pipeline.analyse", "--corpus", "synthetic", "--data", "{synthetic}", "--models",
+      "/nonexistent", "--out", "out"], "error: /nonexistent/window.pt: no trained window "),
+])
+def test_a_missing_input_is_one_clear_line(args, starts, prepared, tmp_path):
+    args = [a.format(synthetic=prepared("synthetic")) for a in args]
+    shutil.copy(REPO / "params.yaml", tmp_path)  # the stage runs in tmp_path: outputs there
+    done = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith(starts) and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_corpus_name_is_refused_by_every_stage():
+    for stage in ("download", "prepare", "ngram", "train", "sample", "analyse"):
+        done = run_module([f"pipeline.{stage}", "--corpus", "ptbx"], {})
+        assert done.returncode == 2, stage  # argparse: the usage, then the one error line
+        assert "argument --corpus: invalid choice: 'ptbx'" in done.stderr.splitlines()[-1]
+
+
 def test_a_bug_keeps_its_traceback():
     from pipeline.errors import UserError, run_stage
 
@@ -452,8 +482,8 @@ def test_an_infinite_temperature_is_refused():
 
     section = yaml.safe_load((REPO / "params.yaml").read_text())["sample"]
     section["temperature"] = yaml.safe_load(".inf")
-    with pytest.raises(ParamsError, match="sample.temperature: must be a positive finite "
-                                          "number, got inf"):
+    with pytest.raises(ParamsError, match="sample.temperature: expected a finite number, "
+                                          "got inf"):
         build(SampleParams, section, "sample")
 
 
