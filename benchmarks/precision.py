@@ -2,7 +2,7 @@
 the train stage's own function, under the committed preset, once per seed.
 
     python -m benchmarks.precision [--corpus ptb] [--model lstm2] [--data data/prepared/ptb]
-                                   [--seeds 1 2 3]
+                                   [--seeds 1 2 3] [--preset quick]
     python -m benchmarks.precision --regression [--seeds 1 2 3]
 
 Both precisions train the same steps on the same data from each seed; only the training
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default="ptb", choices=CORPUS_NAMES)
     parser.add_argument("--model", default="lstm2", choices=KINDS)
     parser.add_argument("--data", type=Path, default=Path("data/prepared/ptb"))
+    parser.add_argument("--preset", help="another preset than train.preset")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1],
                         help="train each precision once per seed; judged on the means")
     parser.add_argument("--regression", action="store_true",
@@ -155,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {' '.join(map(str, args.seeds))}")
     params = load_section("train", TrainParams)
+    if args.preset:
+        if args.preset not in params.presets:
+            parser.error(f"--preset: unknown preset {args.preset!r}; defined: "
+                         f"{', '.join(params.presets)}")
+        params = dataclasses.replace(params, preset=args.preset)
     # the regression configuration trains on the CPU (train.device: cpu), wherever it runs
     device = "cpu" if args.regression else pick_device(params.device)
     reuse_freed_memory()  # as the train stage's process does

@@ -382,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per measurement, best time kept (a shared machine)")
     args = parser.parse_args(argv)
-    bad_size = next((s for s in args.sizes if not re.fullmatch(r"\d+(\.\d+)?[KMG]?", s, re.I)),
-                    None)
+    bad_size = next((s for s in args.sizes if not re.fullmatch(r"\d+|\d+(\.\d+)?[KMG]", s, re.I)
+                     or parse_size(s) < 1), None)
     if bad_size is not None:
         parser.error(f"--sizes: expected a token count like 500K, 5M or 20000, got {bad_size!r}")
     if not all(2 <= order <= 6 for order in args.orders):

@@ -119,7 +119,10 @@ def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bo
         run_steps(model, opt, cfg, x, state, steps, bf16)
         sync(device)
     ops = prof.key_averages()
-    attr = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    attr = "self_cpu_time_total"
+    if device.startswith("cuda"):  # torch before 2.4 names it self_cuda_time_total
+        attr = "self_device_time_total" if hasattr(ops[0], "self_device_time_total") \
+            else "self_cuda_time_total"
     total = sum(getattr(op, attr) for op in ops)
     ranked = sorted(ops, key=lambda op: getattr(op, attr), reverse=True)[:top]
     return [(op.key, getattr(op, attr) / total) for op in ranked]
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
               f"| {r['train_tok_s']:,.0f} | {r['eval_tok_s']:,.0f} | {r['gflop_s']:,.1f} "
               f"| {r['gflop_s'] / peak['bf16' if r['bf16'] else 'fp32']:.0%} "
               f"| {r['peak_mib']:,.0f} |" for r in rows]
+    results = args.results / f"throughput-{device}.md"
+    write_text(results, "\n".join(lines) + "\n")  # the table, before the profile
     if args.profile:
         for bf16 in precisions:
             shares = profile_step(args.presets[0], args.profile, args.vocab, device, bf16)
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
             lines += [f"| `{name}` | {share:.0%} |" for name, share in shares]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_text(args.results / f"throughput-{device}.md", text)
+    write_text(results, text)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             number = float(value)
         except ValueError:
             raise ParamsError(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(number):  # nan passes every `x > 0` check: refused here
+        if not math.isfinite(number):  # nan slips past every `x < 0` refusal: refused here
             raise ParamsError(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is int:

@@ -356,7 +356,10 @@ def change_params(path: Path, changes: list[str]) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or last not in node:
             raise SystemExit(f"--set {change}: no params key {key}")
-        node[last] = yaml.safe_load(value)
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SystemExit(f"--set {change}: the value is not valid YAML") from None
         print(f"regression: {key} = {node[last]!r}", flush=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     if changes:
@@ -403,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.keep or Path(tempfile.mkdtemp(prefix="lmb-regression-"))
     root.mkdir(parents=True, exist_ok=True)
     # a stop by SIGTERM (a CI timeout, `timeout`) unwinds like Ctrl-C: the finally below
-    # removes the temporary workspace, and subprocess.run stops the running dvc
+    # removes the temporary workspace. subprocess.run kills the dvc it started; the stage
+    # dvc runs stops too when the signal reaches the process group (`timeout` and Ctrl-C
+    # send it there), else it may run on in the deleted workspace until it fails
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         repo, env = make_workspace(root, mirror())

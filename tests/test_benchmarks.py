@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -148,3 +149,27 @@ def test_gpu_checklist_trains_without_dvc_mlflow_or_kenlm(mirror, tmp_path):
     assert "within 300 s of training: not met" in summary  # a 16-unit model: far above 84
     assert "the same numbers and weights, bit for bit" in summary
     assert (tmp_path / "models" / "gpu-checklist" / "medium-ptb-lstm2" / "model.pt").exists()
+
+
+def test_a_failing_checklist_part_is_one_line_and_the_next_parts_still_run(tmp_path,
+                                                                          monkeypatch):
+    import benchmarks.gpu as gpu
+
+    ran = []
+
+    def part(name, *args):
+        ran.append(name)
+        if name == "parity":
+            raise SystemExit("cpu: no hardware bf16 matrix products here; nothing to compare")
+        return f"**{name}**: done"
+
+    monkeypatch.setattr(gpu, "run_part", part)
+    monkeypatch.chdir(REPO)  # params.yaml
+    gpu.main(["--out", str(tmp_path), "parity", "determinism"])
+    assert ran == ["parity", "determinism"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**parity**: failed: SystemExit: cpu: no hardware bf16 matrix products here" in summary
+    assert "**determinism**: done (" in summary
+    with pytest.raises(SystemExit):  # an unknown part: refused before any work
+        gpu.main(["--out", str(tmp_path / "other"), "medum"])
+    assert not (tmp_path / "other").exists()

@@ -25,11 +25,17 @@ from pipeline.train import OutOfMemory, train_and_score
 from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
 
 
-def test_unknown_corpus_names_the_known_ones(tmp_path):
-    out = tmp_path / "raw" / "ptb3"
+def test_unknown_corpus_names_the_known_ones(tmp_path, capsys):
+    from pipeline.corpora import get_corpus
+
     with pytest.raises(CorpusError, match="unknown corpus 'ptb3'; known corpora: ptb, brown"):
+        get_corpus("ptb3")
+    out = tmp_path / "raw" / "ptb3"
+    with pytest.raises(SystemExit) as refused:  # the stage's command line refuses it first
         download.main(["--corpus", "ptb3", "--out", str(out)])
-    assert not out.parent.exists() or not any(out.parent.iterdir())
+    assert refused.value.code == 2
+    assert "invalid choice: 'ptb3' (choose from 'ptb', 'brown'" in capsys.readouterr().err
+    assert not out.parent.exists()
 
 
 def test_vocabulary_past_uint16_gets_wider_ids_and_never_wraps(tmp_path):

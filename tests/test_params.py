@@ -74,7 +74,7 @@ def test_missing_key_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    # nan passes every `x > 0` check; clip nan would silently turn clipping off
+    # nan slips past every `x < 0` refusal; clip nan would silently turn clipping off
     ("train", "clip", float("nan"), r"train\.presets\.quick\.defaults\.clip: expected a "
      r"finite number, got nan"),
     ("train", "lr", float("inf"), r"train\.presets\.quick\.defaults\.lr: expected a finite"),
