@@ -1,6 +1,7 @@
-"""The standing GPU checklist (../shared/GPU.md) in one command, for a lent GPU machine
-that has torch, numpy, yaml and tqdm but no DVC, MLflow or KenLM. Prepare PTB here first
-(`dvc repro prepare@ptb`), carry `data/prepared/ptb` (2.4 MB) and run there
+"""The GPU checklist (medium preset, throughput, bf16 parity, determinism) in one command,
+for a GPU machine that has torch, numpy, yaml and tqdm but no DVC, MLflow or KenLM.
+Prepare PTB first (`dvc repro prepare@ptb`), bring `data/prepared/ptb` (2.4 MB) along and
+run there
 
     python -m benchmarks.gpu --out DIR [throughput] [parity] [determinism] [medium]
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import shutil
 import time
 import traceback
@@ -59,13 +59,6 @@ def environment(device: str) -> str:
     return f"{device} ({throughput.device_name(device)}), torch {torch.__version__}{cuda}"
 
 
-def peak_memory_mib(device: str) -> float:
-    """The GPU's max allocated memory since the last reset, else this process's peak RSS."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-
-
 def append(summary: Path, text: str) -> None:
     """Add a paragraph to summary.md (rewritten whole: never half a line)."""
     before = summary.read_text() if summary.exists() else ""
@@ -87,7 +80,7 @@ def reproduce(params: TrainParams, corpus: str, model: str, data: Path, out: Pat
     comparison = compare(metrics)
     reference = comparison.reference
     metrics |= {"wall_s": round(time.perf_counter() - started, 1),
-                "peak_memory_mib": round(peak_memory_mib(device), 1),
+                "peak_memory_mib": round(throughput.peak_memory_mib(device), 1),
                 "published": None if reference is None else
                 {"valid": reference.valid, "test": reference.test, "source": reference.source,
                  "same_configuration": comparison.match}}

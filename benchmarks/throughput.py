@@ -72,6 +72,13 @@ def matmul_peak(device: str, dtype: torch.dtype, size: int = 2048, seconds: floa
     return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
 
 
+def peak_memory_mib(device: str) -> float:
+    """The GPU's max allocated memory since the last reset, else this process's peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
 def device_name(device: str) -> str:
     """The GPU's or the CPU's model name, for the results' header."""
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model()
@@ -163,13 +170,12 @@ def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: i
     train_tps = train_tokens_per_s(model, opt, cfg, x, steps, device, bf16)
     ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
     eval_tps = eval_tokens_per_s(model, ids, params.eval_chunk, device)
-    memory = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    memory = peak_memory_mib(device)
     return {"preset": preset, "model": model_name, "parameters": model.num_parameters(),
             "precision": "bf16 autocast" if bf16 else "fp32", "bf16": bf16,
             "batch": f"{cfg.batch_size}x{cfg.bptt}", "train_tok_s": train_tps,
             "eval_tok_s": eval_tps, "gflop_s": 6 * matmul_parameters(model) * train_tps / 1e9,
-            "peak_mib": memory / 2**20}
+            "peak_mib": memory}
 
 
 def main(argv: list[str] | None = None) -> None:
