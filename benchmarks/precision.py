@@ -6,7 +6,7 @@ the train stage's own function, under the committed preset, once per seed.
     python -m benchmarks.precision --regression [--seeds 1 2 3]
 
 Both precisions train the same steps on the same data from each seed; only the training
-steps' precision differs (`train.cpu_bf16` on a CPU, `train.bf16` on CUDA); all runs are
+steps' precision differs (`train.cpu_bf16` on a CPU, `train.cuda_precision` on CUDA); all runs are
 scored in fp32 by the one scorer. The check the precision setting must pass: valid
 perplexity within 1% of fp32's (issue 10), on the mean over the seeds. Two trainings
 that differ only in rounding drift apart like two seeds do, so the seeds also measure how
@@ -39,8 +39,9 @@ from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS
 from pipeline.params import load_section
+from pipeline.precision import bf16_products
 from pipeline.presets import TrainParams
-from pipeline.train import bf16_products, pick_device, train_and_score
+from pipeline.train import pick_device, train_and_score
 
 TOLERANCE = 0.01  # bf16's valid perplexity within 1% of fp32's
 PRECISIONS = ("fp32", "bf16 autocast")
@@ -180,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for name in PRECISIONS:
                 bf16 = name != "fp32"
-                chosen = dataclasses.replace(with_seed(params, args.corpus, seed), bf16=bf16,
-                                             cpu_bf16=bf16, checkpoint_every_s=0)
+                everywhere = {model: "bf16" if bf16 else "fp32" for model in KINDS}
+                chosen = dataclasses.replace(with_seed(params, args.corpus, seed),
+                                             cuda_precision=everywhere, cpu_bf16=bf16,
+                                             checkpoint_every_s=0)
                 runs[name, seed] = train_once(args.corpus, args.model, args.data, chosen,
                                               Path(tmp) / f"{name.split()[0]}-{seed}")
                 print(f"{name}, seed {seed}: valid ppl {runs[name, seed]['valid_ppl']:.2f}",

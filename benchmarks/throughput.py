@@ -11,7 +11,7 @@ memory (resident set size of a fresh process per model on CPU,
 `torch.cuda.max_memory_allocated` on GPU); and the achieved fraction of the
 matrix-product peak measured in the same run (a large fp32 and bf16 matmul).
 Where bf16 products have hardware support (CUDA, or a CPU with AVX-512 BF16 or AMX),
-every model is measured twice: fp32, and training under bf16 autocast (`train.bf16` on
+every model is measured twice: fp32, and training under bf16 autocast (`train.cuda_precision` on
 CUDA, `train.cpu_bf16` on a CPU); evaluation is fp32 in both rows, as in the pipeline.
 Useful FLOPs per training token are counted as 6 x the parameters that take part
 in matrix products (2 forward, 4 backward; embedding lookups excluded).
@@ -39,9 +39,10 @@ from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS, LanguageModel
 from pipeline.params import load_section
 from pipeline.perplexity import cpu_model, score_stream
+from pipeline.precision import LABELS, bf16_products, products
 from pipeline.presets import TrainParams
-from pipeline.train import bf16_products, pick_device
-from pipeline.training import make_optimizer, train_step
+from pipeline.train import pick_device
+from pipeline.training import make_optimizer, make_step
 
 # A row's training figure is the median of groups of GROUP steps, its evaluation figure
 # the fastest of EVAL_PASSES passes: a moment of load on a shared machine does not move it
@@ -92,38 +93,43 @@ def matmul_parameters(model: LanguageModel) -> int:
     return model.num_parameters() - (0 if tied else net.embed.weight.numel())
 
 
-def setup(preset: str, model_name: str, vocab: int, device: str):
-    """(train params, model, optimizer, training config, a (B, T+1) batch of random ids)
-    for PTB's resolved settings of `model_name` under `preset`."""
+def setup(preset: str, model_name: str, vocab: int, device: str, precision: str = "fp32",
+          graphs: bool = False):
+    """(train params, model, the train stage's step callable, training config, a (B, T+1)
+    batch of random ids) for PTB's resolved settings of `model_name` under `preset`."""
     params = dataclasses.replace(load_section("train", TrainParams), preset=preset)
     spec = params.spec("ptb", model_name)
     torch.manual_seed(0)
     model = LanguageModel(spec.for_vocabulary(vocab)).to(device)
     cfg = spec.training
     x = torch.randint(0, vocab, (cfg.batch_size, cfg.bptt + 1), device=device)
-    return params, model, make_optimizer(model, cfg), cfg, x
+    graphs = graphs and device.startswith("cuda")  # as in the train stage
+    opt = make_optimizer(model, cfg, graphed=graphs)
+    step = make_step(model, opt, cfg=cfg, precision=precision, graphs=graphs)
+    return params, model, step, cfg, x
 
 
-def run_steps(model, opt, cfg, x: torch.Tensor, state, steps: int, bf16: bool):
+def run_steps(step, x: torch.Tensor, state, steps: int, precision: str):
     """`steps` calls of the train stage's own step on the (B, T+1) ids `x`; the state."""
-    for _ in range(steps):
-        state = train_step(model, opt, x[:, :-1], x[:, 1:], state, cfg=cfg,
-                           autocast=bf16).state
+    with products(precision):
+        for _ in range(steps):
+            state = step(x[:, :-1], x[:, 1:], state).state
     return state
 
 
-def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bool,
-                 steps: int = 10, top: int = 8) -> list[tuple[str, float]]:
-    """Where `train_step`'s time goes: the `top` operators by self time (torch.profiler),
-    as (name, share of the profiled time)."""
+def profile_step(preset: str, model_name: str, vocab: int, device: str, precision: str,
+                 graphs: bool = False, steps: int = 10,
+                 top: int = 8) -> list[tuple[str, float]]:
+    """Where the training step's time goes: the `top` operators by self time
+    (torch.profiler), as (name, share of the profiled time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    _, model, opt, cfg, x = setup(preset, model_name, vocab, device)
-    state = run_steps(model, opt, cfg, x, None, 3, bf16)  # warm-up
+    _, model, step, cfg, x = setup(preset, model_name, vocab, device, precision, graphs)
+    state = run_steps(step, x, None, 5, precision)  # warm-up (and a graph's capture)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                            if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
-        run_steps(model, opt, cfg, x, state, steps, bf16)
+        run_steps(step, x, state, steps, precision)
         sync(device)
     ops = prof.key_averages()
     attr = "self_cpu_time_total"
@@ -135,16 +141,17 @@ def profile_step(preset: str, model_name: str, vocab: int, device: str, bf16: bo
     return [(op.key, getattr(op, attr) / total) for op in ranked]
 
 
-def train_tokens_per_s(model, opt, cfg, x: torch.Tensor, steps: int, device: str,
-                       bf16: bool) -> float:
+def train_tokens_per_s(step, cfg, x: torch.Tensor, steps: int, device: str,
+                       precision: str) -> float:
     """Training tokens/s of the train stage's own step on the (B, T+1) ids `x`: the median
-    of groups of GROUP steps (at least one group), after 3 warm-up steps."""
-    state = run_steps(model, opt, cfg, x, None, 3, bf16)  # warm-up
+    of groups of GROUP steps (at least one group), after 5 warm-up steps (a CUDA graph's
+    warm-up and capture among them)."""
+    state = run_steps(step, x, None, 5, precision)  # warm-up
     group_seconds = []
     for _ in range(max(steps // GROUP, 1)):
         sync(device)
         started = time.perf_counter()
-        state = run_steps(model, opt, cfg, x, state, GROUP, bf16)
+        state = run_steps(step, x, state, GROUP, precision)
         sync(device)
         group_seconds.append(time.perf_counter() - started)
     return GROUP * cfg.batch_size * cfg.bptt / statistics.median(group_seconds)
@@ -162,17 +169,18 @@ def eval_tokens_per_s(model, ids: np.ndarray, chunk: int, device: str) -> float:
 
 
 def measure(preset: str, model_name: str, vocab: int, steps: int, eval_tokens: int,
-            device: str, bf16: bool) -> dict:
+            device: str, precision: str, graphs: bool = False) -> dict:
     """One model's figures (run in a fresh process on CPU, for its own peak RSS)."""
-    params, model, opt, cfg, x = setup(preset, model_name, vocab, device)
+    params, model, step, cfg, x = setup(preset, model_name, vocab, device, precision, graphs)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    train_tps = train_tokens_per_s(model, opt, cfg, x, steps, device, bf16)
+    train_tps = train_tokens_per_s(step, cfg, x, steps, device, precision)
     ids = np.random.default_rng(0).integers(0, vocab, size=eval_tokens)
     eval_tps = eval_tokens_per_s(model, ids, params.eval_chunk, device)
     memory = peak_memory_mib(device)
     return {"preset": preset, "model": model_name, "parameters": model.num_parameters(),
-            "precision": "bf16 autocast" if bf16 else "fp32", "bf16": bf16,
+            "precision": LABELS[precision] + (", cuda graph" if graphs else ""),
+            "peak_key": "bf16" if precision == "bf16" else "fp32",
             "batch": f"{cfg.batch_size}x{cfg.bptt}", "train_tok_s": train_tps,
             "eval_tok_s": eval_tps, "gflop_s": 6 * matmul_parameters(model) * train_tps / 1e9,
             "peak_mib": memory}
@@ -206,9 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     name = device_name(device)
     peak = {"fp32": matmul_peak(device, torch.float32),
             "bf16": matmul_peak(device, torch.bfloat16) if bf16_products(device) else 0.0}
-    precisions = (False, True) if peak["bf16"] else (False,)
-    jobs = [(p, m, args.vocab, args.steps, args.eval_tokens, device, bf16)
-            for p in args.presets for m in params.models for bf16 in precisions]
+    precisions = ("fp32", "tf32", "bf16") if device.startswith("cuda") else \
+        ("fp32", "bf16") if peak["bf16"] else ("fp32",)
+    graphs = params.cuda_graphs and device.startswith("cuda")  # the train stage's step
+    jobs = [(p, m, args.vocab, args.steps, args.eval_tokens, device, precision, graphs)
+            for p in args.presets for m in params.models for precision in precisions]
     if device == "cpu":  # a fresh process per model: its own peak resident memory
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                  max_tasks_per_child=1, initializer=reuse_freed_memory) as pool:
@@ -228,15 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {r['preset']} | {r['model']} | {r['precision']} | {r['parameters']:,} "
               f"| {r['batch']} "
               f"| {r['train_tok_s']:,.0f} | {r['eval_tok_s']:,.0f} | {r['gflop_s']:,.1f} "
-              f"| {r['gflop_s'] / peak['bf16' if r['bf16'] else 'fp32']:.0%} "
+              f"| {r['gflop_s'] / peak[r['peak_key']]:.0%} "
               f"| {r['peak_mib']:,.0f} |" for r in rows]
     results = args.results / f"throughput-{device}.md"
     write_text(results, "\n".join(lines) + "\n")  # the table, before the profile
     if args.profile:
-        for bf16 in precisions:
-            shares = profile_step(args.presets[0], args.profile, args.vocab, device, bf16)
+        for precision in precisions:
+            shares = profile_step(args.presets[0], args.profile, args.vocab, device, precision,
+                                  graphs)
             lines += ["", f"Where the {args.presets[0]} {args.profile} training step spends "
-                      f"its time, {'bf16 autocast' if bf16 else 'fp32'} (torch.profiler, self "
+                      f"its time, {LABELS[precision]} (torch.profiler, self "
                       "time of the top operators):", "", "| operator | share |", "|---|---|"]
             lines += [f"| `{name}` | {share:.0%} |" for name, share in shares]
     text = "\n".join(lines) + "\n"

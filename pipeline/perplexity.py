@@ -114,13 +114,15 @@ def stream_token_nll(model, ids, chunk: int, eos_id: int, device: str = "cpu"):
     import torch
     import torch.nn.functional as F
 
+    from pipeline.precision import products
+
     targets = torch.from_numpy(np.asarray(ids, dtype=np.int64))
     inputs = torch.cat([torch.tensor([eos_id]), targets[:-1]])
     was_training = model.training
     model.eval()
     nll = []
     state = None
-    with torch.no_grad():
+    with torch.no_grad(), products("fp32"):  # plain fp32 on a GPU too (no TF32)
         for start in range(0, len(targets), chunk):
             x = inputs[start : start + chunk].to(device)[None]  # (1, T)
             y = targets[start : start + chunk].to(device)[None]  # (1, T)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import ParamsError, build, require
+from pipeline.precision import PRECISIONS
 from pipeline.training import TrainConfig
 
 # NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
@@ -56,7 +57,8 @@ class TrainParams:
     preset: str
     models: tuple[str, ...]  # the neural models every corpus gets (dvc.yaml expands them)
     device: Literal["auto", "cpu", "cuda", "mps"]
-    bf16: bool  # bfloat16 autocast for training on CUDA
+    cuda_precision: dict  # model -> fp32 | tf32 | bf16: its training steps on CUDA
+    cuda_graphs: bool  # replay each training step as a CUDA graph (pipeline/graphed.py)
     cpu_bf16: bool  # bfloat16 autocast for training on a CPU with bf16 matrix units
     eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
     checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = eval points only
@@ -74,6 +76,13 @@ class TrainParams:
         require(self.checkpoint_every_s >= 0, f"{key}.checkpoint_every_s",
                 f"must be >= 0, got {self.checkpoint_every_s}")
         require(self.nproc >= 1, f"{key}.nproc", f"must be >= 1, got {self.nproc}")
+        require(isinstance(self.cuda_precision, dict)
+                and sorted(self.cuda_precision) == sorted(KINDS), f"{key}.cuda_precision",
+                f"expected a mapping with an entry for each of {', '.join(KINDS)}, got "
+                f"{self.cuda_precision!r}")
+        for model, precision in self.cuda_precision.items():
+            require(precision in PRECISIONS, f"{key}.cuda_precision.{model}",
+                    f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         for name in self.presets:
             self._check_layers(name)
         for model in self.models:  # every combination of the chosen preset must resolve

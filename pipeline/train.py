@@ -38,6 +38,7 @@ from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS
 from pipeline.params import ParamsError, load_section
 from pipeline.perplexity import SplitScore, score_stream, scoring_setup
+from pipeline.precision import LABELS, training_precision
 from pipeline.presets import TrainParams
 from pipeline.training import TrainingInterrupted, load_checkpoint, load_model, train_model
 
@@ -54,31 +55,11 @@ class OutOfMemory(UserError, RuntimeError):
     pass
 
 
-def bf16_products(device: str) -> bool:
-    """Whether bf16 matrix products have hardware support on `device` (a CPU without
-    AVX-512 BF16 or AMX emulates them, hundreds of times slower than fp32)."""
-    import torch
-
-    if device == "cpu":  # (oneDNN's own check also accepts AVX-512 CPUs without BF16)
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
-
-
-def bf16_training(device: str, params: TrainParams) -> bool:
-    """Whether training steps run under bfloat16 autocast on `device`: train.bf16 on CUDA,
-    train.cpu_bf16 on a CPU, refused where bf16 products would be emulated (a CPU without
-    AVX-512 BF16 or AMX: far slower than fp32, for no gain)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return params.bf16
-    if device != "cpu" or not params.cpu_bf16:
-        return False
-    if not bf16_products(device):
-        raise ParamsError(f"train.cpu_bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) "
-                          "has no bf16 matrix units (AVX-512 BF16 or AMX), so bf16 would be "
-                          "emulated and far slower than fp32; set it to false")
-    return True
+def precision_of(device: str, params: TrainParams, model: str) -> str:
+    """The precision `model`'s training steps run in on `device` (pipeline/precision.py):
+    train.cuda_precision.<model> on CUDA, train.cpu_bf16 on a CPU."""
+    return training_precision(device, cuda=params.cuda_precision[model],
+                              cpu_bf16=params.cpu_bf16)
 
 
 def pick_device(requested: str) -> str:
@@ -168,10 +149,11 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         logged = len(history)
         write_json(curve, history)  # DVC plots: the learning curve so far
 
-    bf16 = bf16_training(device, params)
-    # in the resume fingerprint: a run never continues in another precision
+    precision = precision_of(device, params, model)
+    graphs = params.cuda_graphs and device.startswith("cuda") and not world.distributed
+    # in the resume fingerprint: a run never continues in another precision or step
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus,
-             "precision": "bf16 autocast" if bf16 else "fp32"}
+             "precision": LABELS[precision], **({"step": "cuda graph"} if graphs else {})}
     batch_size, train_tokens = spec.training.batch_size, len(data.ids("train"))
     if train_tokens < batch_size + 1:
         where = params.resolve(corpus, model)["batch_size"][1]
@@ -186,7 +168,8 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         result = train_model(network=spec.for_vocabulary(len(vocab)), training=spec.training,
                              train_ids=data.ids("train"), valid_ids=data.ids("valid"),
                              eos_id=vocab.eos_id, checkpoint_dir=checkpoints, device=device,
-                             on_eval=on_eval, bf16=bf16, extra=extra,
+                             on_eval=on_eval, precision=precision, graphs=graphs,
+                             extra=extra,
                              eval_chunk=params.eval_chunk,
                              checkpoint_every_s=params.checkpoint_every_s, world=world)
     if not world.is_main:
@@ -207,6 +190,7 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         "tokens_per_s": round(result["tokens"] / result["seconds"], 1),
         "device": device,
         "precision": f"training {extra['precision']}, scoring fp32",
+        **({"step": extra["step"]} if graphs else {}),
         "train_tokens": result["tokens"],
         "epochs": result["epochs"],
         "best_step": result["best_step"],
@@ -256,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         params.validate("train")
     if params.nproc > 1 and not distributed.launched():
         check_ranks(params, args.corpus, args.model, params.nproc)  # one line, not N
-        bf16_training(pick_device(params.device), params)  # likewise
+        precision_of(pick_device(params.device), params, args.model)  # likewise
         command = distributed.torchrun_command(
             params.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
         print(f"train.nproc {params.nproc}: {' '.join(command)}", flush=True)

@@ -34,7 +34,9 @@ N ranks together take the one-process steps; rank 0 alone writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -57,8 +59,10 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_path
 from pipeline.distributed import RANK_SEED_STRIDE, SINGLE, World, wrap
 from pipeline.errors import UserError
+from pipeline.graphed import GraphedStep
 from pipeline.networks import LanguageModel, NetworkConfig, detach
 from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
+from pipeline.precision import products
 
 CHECK_EVERY = 50  # steps between host-side loss checks (a .item() is a GPU sync)
 
@@ -144,6 +148,21 @@ class Columns:
         return x, y
 
 
+class ResidentColumns:
+    """The same columns held on a GPU whole, inputs and targets each one (R, L) int64
+    tensor (16 bytes a token: PTB's 0.9M tokens take 15 MB), so that a step's chunk is a
+    slice: no host copy, hence no host-device synchronisation at every step (a copy
+    from pageable memory waits for the GPU to finish the step before)."""
+
+    def __init__(self, columns: Columns, device: str):
+        x, y = columns.chunk(slice(0, columns.length))  # (R, L) each
+        self.x, self.y = x.to(device), y.to(device)
+        self.length = columns.length
+
+    def chunk(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[:, cols], self.y[:, cols]  # (R, T) each, views
+
+
 @dataclass(frozen=True)
 class Plan:
     """How many steps a run takes and after which ones it validates."""
@@ -201,10 +220,50 @@ def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:
     return lr
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   graphed: bool = False) -> torch.optim.Optimizer:
+    """SGD or Adam at cfg.lr. `graphed` (a CUDA graph replays the step): the lr lives in
+    a device tensor that set_lr updates in place, SGD is the fused kernel and Adam keeps
+    its step count on the device (capturable)."""
+    if not graphed:
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    lr = torch.tensor(cfg.lr, device=next(model.parameters()).device)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        return torch.optim.SGD(model.parameters(), lr=lr, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr; a tensor lr (make_optimizer(graphed=True)) is written in place,
+    where a captured graph reads it, and only when it changes (a write is a kernel)."""
+    for group in opt.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = lr
+        elif group.get("host_lr") != lr:
+            group["lr"].fill_(lr)
+            group["host_lr"] = lr
+
+
+def lr_to_device(opt: torch.optim.Optimizer, device: str) -> None:
+    """After load_state_dict from a CPU checkpoint: tensor lrs back on the device."""
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].to(device)
+            group.pop("host_lr", None)
+
+
+def make_step(model: LanguageModel, opt: torch.optim.Optimizer, *, cfg: TrainConfig,
+              precision: str, graphs: bool,
+              trainer: torch.nn.Module | None = None) -> Callable[..., Step]:
+    """The training step the loop calls as step(x, y, state) -> Step: train_step on
+    `trainer` (the model, or DDP(model)), or its CUDA graph (`graphs`: the optimizer from
+    make_optimizer(graphed=True)). Benchmarks time this same callable."""
+    autocast = precision == "bf16"
+    if graphs:
+        return GraphedStep(model, opt, cfg=cfg, autocast=autocast, step=train_step)
+    return functools.partial(train_step, trainer or model, opt, cfg=cfg, autocast=autocast)
 
 
 class Step(NamedTuple):
@@ -287,7 +346,8 @@ def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
     for ids in (train_ids, valid_ids):  # a memory map, hashed a block at a time
         for start in range(0, len(ids), 1 << 22):
             h.update(np.ascontiguousarray(ids[start : start + (1 << 22)]).tobytes())
-    for module in ("networks.py", "training.py", "distributed.py"):
+    for module in ("networks.py", "training.py", "distributed.py", "graphed.py",
+                   "precision.py"):
         h.update((Path(__file__).parent / module).read_bytes())
     return h.hexdigest()[:20]
 
@@ -296,9 +356,51 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: damaged, or from another vocabulary."""
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    with atomic_path(path) as tmp:  # synced to disk before it replaces `path`
-        torch.save(payload, tmp)
+def save_checkpoint(path: Path, payload: dict, background: bool = False) -> None:
+    """Write `payload` to `path` atomically. `background` (a GPU run): snapshot its
+    tensors to host memory now and write on a thread while training goes on, one file at
+    a time; wait_for_checkpoints() returns once written (and raises what the write did)."""
+    if not background:
+        with atomic_path(path) as tmp:  # synced to disk before it replaces `path`
+            torch.save(payload, tmp)
+        return
+    snapshot = _on_host(payload)  # the weights change at the next step
+    wait_for_checkpoints()
+    _WRITER["thread"] = threading.Thread(target=_write_in_background,
+                                         args=(path, snapshot), name="checkpoint")
+    _WRITER["thread"].start()
+
+
+_WRITER: dict = {"thread": None, "error": None}  # the one background write in flight
+
+
+def _write_in_background(path: Path, payload: dict) -> None:
+    try:
+        save_checkpoint(path, payload)
+    except BaseException as exc:  # handed to the training thread by wait_for_checkpoints
+        _WRITER["error"] = exc
+
+
+def wait_for_checkpoints() -> None:
+    """Block until the background checkpoint write (if any) is on disk."""
+    thread, _WRITER["thread"] = _WRITER["thread"], None
+    if thread is not None:
+        thread.join()
+    error, _WRITER["error"] = _WRITER["error"], None
+    if error is not None:
+        raise error
+
+
+def _on_host(value):
+    """A copy of `value` (nested dicts, lists, tuples of tensors and plain data) whose
+    tensors are in host memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_host(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_host(v) for v in value)
+    return value
 
 
 def check_checkpoint(path: Path) -> None:
@@ -334,6 +436,7 @@ class ResumePoint:
     key: str  # fingerprint()
     extra: dict  # plain data stored with it (corpus, vocabulary digest, ...)
     world: World = SINGLE  # the ranks that share it
+    background: bool = False  # written on a thread (GPU runs: training does not wait)
 
     def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
              progress: Progress) -> None:
@@ -347,7 +450,8 @@ class ResumePoint:
         ranks = {"world_size": world.size, "rng_ranks": rng} if world.distributed else {}
         save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "rng": rng[0], "fingerprint": self.key,
-                                    "progress": plain, **ranks, **self.extra})
+                                    "progress": plain, **ranks, **self.extra},
+                        background=self.background)
 
     def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
              device: str) -> Progress | None:
@@ -433,14 +537,14 @@ class _Run:
     opt: torch.optim.Optimizer
     cfg: TrainConfig
     plan: Plan
-    columns: Columns  # this rank's columns of the training stream (all B in one process)
+    columns: Columns | ResidentColumns  # this rank's columns (all B in one process)
     device: str
-    autocast: bool
+    precision: str  # fp32 | tf32 | bf16 (pipeline/precision.py)
+    step: Callable[..., Step]  # (x, y, state) -> Step: train_step, or its CUDA graph
     resume: ResumePoint
     stop: _StopOnSignal
     bar: tqdm
     world: World = SINGLE
-    trainer: torch.nn.Module | None = None  # what train_step calls: DDP(model) or model
 
 
 def train_segment(run: _Run, progress: Progress, until: int,
@@ -477,13 +581,11 @@ def train_segment(run: _Run, progress: Progress, until: int,
         if progress.step % plan.steps_per_epoch == 0:
             progress.state = None  # a new epoch starts each column afresh
         lr = scheduled_lr(cfg, plan, progress.step, progress.lr)
-        for group in run.opt.param_groups:
-            group["lr"] = lr
+        set_lr(run.opt, lr)
         cols = plan.chunk(progress.step, cfg.bptt)
         xb, yb = (t.to(run.device) for t in run.columns.chunk(cols))  # (B/N, T) each
-        loss, grad_norm, progress.state = train_step(run.trainer or run.model, run.opt, xb,
-                                                     yb, progress.state, cfg=cfg,
-                                                     autocast=run.autocast)
+        with products(run.precision):
+            loss, grad_norm, progress.state = run.step(xb, yb, progress.state)
         pending.append(loss * yb.numel())  # nats summed over this rank's chunk tokens
         pending_norms.append(grad_norm)  # global already: clipped after the all-reduce
         progress.step += 1
@@ -564,7 +666,7 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
                 # train stage publishes it rather than score the same weights again alike
                 "valid_score": {"nll": valid_nll, "tokens": valid_tokens,
                                 "setup": scoring_setup(eval_chunk, run.device)},
-                **run.resume.extra})
+                **run.resume.extra}, background=run.resume.background)
     if progress.step % spe == 0:  # an epoch ended
         epoch = progress.step // spe
         improved = progress.best_step > progress.step - spe
@@ -599,14 +701,18 @@ def report_line(plan: Plan, progress: Progress, record: dict) -> str:
 
 def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.ndarray,
                 valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
-                on_eval: Callable[[list[dict]], None] | None = None, bf16: bool = False,
-                extra: dict | None = None, eval_chunk: int = 512,
-                checkpoint_every_s: float = 0, world: World = SINGLE) -> dict:
+                on_eval: Callable[[list[dict]], None] | None = None,
+                precision: str = "fp32", graphs: bool = False, extra: dict | None = None,
+                eval_chunk: int = 512, checkpoint_every_s: float = 0,
+                world: World = SINGLE) -> dict:
     """Train, resuming from checkpoint_dir/last.pt when it was written for the same
     configuration, data, `extra` and code; return a summary. `on_eval` gets the
     learning curve after each new point; `eval_chunk` (the scorer's pass length) and
-    `checkpoint_every_s` (0 = validation points only) do not change the result; `bf16`
-    runs the training steps under bfloat16 autocast on `device` (validation stays fp32).
+    `checkpoint_every_s` (0 = validation points only) do not change the result;
+    `precision` is the training steps' arithmetic (pipeline/precision.py; validation is
+    fp32); `graphs` replays each step as a CUDA graph (pipeline/graphed.py; CUDA, one
+    process), with the training split held on the GPU and checkpoints written on a
+    thread.
     Under several ranks (`world`, every rank calls this with the same arguments) each
     trains its B/N columns; rank 0 alone prints, writes files and calls `on_eval`;
     every rank returns the same summary.
@@ -616,14 +722,19 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
     cols = world.columns(cfg.batch_size)  # this rank's columns; UnevenColumns if B % N
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = LanguageModel(network).to(device)
-    opt = make_optimizer(model, cfg)
+    graphs = graphs and device.startswith("cuda") and not world.distributed
+    opt = make_optimizer(model, cfg, graphed=graphs)
     if world.rank > 0:  # dropout masks of their own (rank 0 draws as one process does)
         torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * world.rank)
     columns = Columns.of(train_ids, cfg.batch_size, cols)  # B/N of the B columns of L
     plan = Plan.make(columns.length, cfg)
+    if device.startswith("cuda"):
+        columns = ResidentColumns(columns, device)
     resume = ResumePoint(checkpoint_dir / "last.pt",
-                         fingerprint(network, cfg, train_ids, valid_ids, extra), extra, world)
+                         fingerprint(network, cfg, train_ids, valid_ids, extra), extra, world,
+                         background=device.startswith("cuda"))
     progress = resume.load(model, opt, device)
+    lr_to_device(opt, device)
     if progress is not None:
         say(f"resuming from {resume.path} (step {progress.step} of {plan.total_steps})")
     progress = progress or Progress(lr=cfg.lr)
@@ -634,9 +745,11 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
         f"{len(plan.eval_steps)} validation points; Ctrl-C saves a resume point", flush=True)
     bar = tqdm(total=plan.total_steps, initial=progress.step, unit=" step", leave=False,
                disable=None if world.is_main else True)  # None: no bar in logs
-    with _StopOnSignal() as stop, bar:
-        run = _Run(model, opt, cfg, plan, columns, device, bf16,
-                   resume, stop, bar, world, wrap(model, world))
+    step = make_step(model, opt, cfg=cfg, precision=precision, graphs=graphs,
+                     trainer=wrap(model, world))  # DDP(model) under several ranks
+    with _StopOnSignal() as stop, bar, _finishing_writes():
+        run = _Run(model, opt, cfg, plan, columns, device, precision, step, resume, stop, bar,
+                   world)
         while progress.step < plan.total_steps:
             train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
             record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
@@ -657,6 +770,15 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
             "seconds": progress.seconds, "tokens": progress.tokens,
             "epochs": round(progress.step / plan.steps_per_epoch, 4),
             "plan": dataclasses.asdict(plan) | {"eval_steps": len(plan.eval_steps)}}
+
+
+@contextlib.contextmanager
+def _finishing_writes():
+    """On the way out, normal or not, wait until the background checkpoint is on disk."""
+    try:
+        yield
+    finally:
+        wait_for_checkpoints()
 
 
 def _quiet(*args, **kwargs) -> None:

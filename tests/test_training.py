@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.networks import KINDS, NetworkConfig
-from pipeline.train import bf16_products
+from pipeline.precision import bf16_products
 from pipeline.training import (
     Plan,
     ResumePoint,
@@ -253,7 +253,7 @@ BF16_CPU = bf16_products("cpu")  # AVX-512 BF16 or AMX
 def test_bf16_training_on_the_cpu_lands_near_fp32(kind, tmp_path):
     torch.set_num_threads(1)
     fp32 = train(net(kind), train_cfg(epochs=3), tmp_path / "fp32")
-    bf16 = train(net(kind), train_cfg(epochs=3), tmp_path / "bf16", bf16=True)
+    bf16 = train(net(kind), train_cfg(epochs=3), tmp_path / "bf16", precision="bf16")
     assert without_timings(bf16["history"]) != without_timings(fp32["history"])  # it ran bf16
     assert bf16["best_valid_ppl"] == pytest.approx(fp32["best_valid_ppl"], rel=0.02)
 
@@ -261,15 +261,16 @@ def test_bf16_training_on_the_cpu_lands_near_fp32(kind, tmp_path):
 def test_cpu_bf16_is_off_by_default_and_refused_where_bf16_is_emulated(monkeypatch):
     import dataclasses
 
-    from pipeline import train as stage
-    from pipeline.params import ParamsError, load_section
+    from pipeline import precision
+    from pipeline.params import load_section
     from pipeline.presets import TrainParams
+    from pipeline.train import precision_of
 
     params = load_section("train", TrainParams)
-    assert not stage.bf16_training("cpu", params)  # the CPU numbers stay fp32
+    assert precision_of("cpu", params, "lstm2") == "fp32"  # the CPU numbers stay fp32
     wanted = dataclasses.replace(params, cpu_bf16=True)
     if BF16_CPU:
-        assert stage.bf16_training("cpu", wanted)
-    monkeypatch.setattr(stage, "bf16_products", lambda device: False)
-    with pytest.raises(ParamsError, match=r"^train\.cpu_bf16: .* emulated"):
-        stage.bf16_training("cpu", wanted)
+        assert precision_of("cpu", wanted, "lstm2") == "bf16"
+    monkeypatch.setattr(precision, "bf16_products", lambda device: False)
+    with pytest.raises(precision.PrecisionError, match=r"^train\.cpu_bf16: .* emulated"):
+        precision_of("cpu", wanted, "lstm2")
