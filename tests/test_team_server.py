@@ -20,7 +20,7 @@ the server's artifact root; and it reruns one stage with no login, a wrong passw
 the reader's login: each fails in one line (naming the variables, the server, or the
 experiment), its output written.
 
-About 3 minutes on a 2-core machine (mostly the eight stages' start-up), so CI skips it:
+2 to 3 minutes on a 2-core machine (mostly the eight stages' start-up), so CI skips it:
 
     make team-server-test     # installs postgresql if missing; = LMB_TEAM_SERVER=1 pytest ...
 """
@@ -49,7 +49,7 @@ from tests.conftest import TINY, tiny_workspace
 from tests.ui_check import free_port
 
 TEAM_SERVER = pytest.mark.skipif(os.environ.get("LMB_TEAM_SERVER") != "1",
-                                 reason="about 3 minutes: run with LMB_TEAM_SERVER=1 "
+                                 reason="2 to 3 minutes: run with LMB_TEAM_SERVER=1 "
                                  "(make team-server-test)")
 MLFLOW = Path(sys.executable).parent / "mlflow"
 AUTH_INI = regression.REPO / "deploy" / "mlflow-auth.ini"
