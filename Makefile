@@ -94,9 +94,10 @@ lint: setup
 
 # A team's tracking server (notes in the README, "scaling out"): tests/test_team_server.py
 # starts a real PostgreSQL server (Debian's postgresql, installed here when run as root)
-# and `mlflow server` on it, runs the tiny pipeline into it and checks every run and
-# metric history through the REST API. 1.5 to 3 minutes on 2 cores, so `make test` (CI)
-# skips it unless LMB_TEAM_SERVER=1; this target runs it.
+# and `mlflow server --app-name basic-auth` on it, checks that it refuses anonymous and
+# wrong logins and a reader's writes, runs the tiny pipeline into it as a writer and checks
+# every run and metric history through the REST API. 2 to 3 minutes on 2 cores, so
+# `make test` (CI) skips it unless LMB_TEAM_SERVER=1; this target runs it.
 team-server-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \

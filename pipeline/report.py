@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     plots = make_report(args.leaderboard, args.curves, args.samples, args.plots, args.html,
                         args.analysis)
     print(f"wrote {args.html} and {sum(len(p) for p in plots.values()) + 1} plots in {args.plots}")
-    with tracking.model_run("summary", "leaderboard", "report", "report", {}) as run:
+    with tracking.model_run(tracking.SUMMARY_EXPERIMENT, "leaderboard", "report", "report",
+                            {}) as run:
         run.log_artifact(args.html)
         run.log_artifact(args.leaderboard)
         for path in sorted(args.plots.glob("*.png")):
