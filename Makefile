@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-d
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
 .PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
-	screenshots reproduce-small clean exp team-server-deps team-server-test push pull
+	screenshots reproduce-small reproduce-medium clean exp team-server-deps team-server-test push pull
 
 setup: $(VENV)/.installed kenlm
 
@@ -88,6 +88,17 @@ reproduce-small: setup
 	  --checkpoints models/reproductions/zaremba-small.ckpt \
 	  --out models/reproductions/zaremba-small.pt \
 	  --metrics $(REPRO)/metrics.json --curve $(REPRO)/curve.json
+
+# Zaremba et al. 2014 "medium" (PTB, 2 x 650 LSTM, 39 epochs) under the committed `medium`
+# preset, on a GPU (about 3 minutes on one H200; hours on a CPU).
+REPRO_MEDIUM := reports/reproductions/zaremba-medium
+reproduce-medium: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset medium \
+	  --corpus ptb --model lstm2 --data data/prepared/ptb \
+	  --checkpoints models/reproductions/zaremba-medium.ckpt \
+	  --out models/reproductions/zaremba-medium.pt \
+	  --metrics $(REPRO_MEDIUM)/metrics.json --curve $(REPRO_MEDIUM)/curve.json
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
