@@ -77,28 +77,18 @@ regression: setup
 regression-baseline: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.regression --update
 
-# Zaremba et al. 2014 "small" (PTB, 2 x 200 LSTM, 13 epochs) under the committed `small`
-# preset, through the pipeline's own prepare and train stages (about 30 minutes on a
-# 2-core CPU). Writes reports/reproductions/zaremba-small/{metrics,curve}.json.
-REPRO := reports/reproductions/zaremba-small
-reproduce-small: setup
+# Zaremba et al. 2014 "small" and "medium" (PTB, 2-layer LSTM, 13 / 39 epochs) under the
+# committed presets, through the pipeline's own prepare and train stages: small about 30
+# minutes on a 2-core CPU, medium about 3 minutes on one H200 GPU (hours on a CPU).
+# Writes reports/reproductions/zaremba-<preset>/{metrics,curve}.json.
+reproduce-small reproduce-medium: reproduce-%: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset small \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset $* \
 	  --corpus ptb --model lstm2 --data data/prepared/ptb \
-	  --checkpoints models/reproductions/zaremba-small.ckpt \
-	  --out models/reproductions/zaremba-small.pt \
-	  --metrics $(REPRO)/metrics.json --curve $(REPRO)/curve.json
-
-# Zaremba et al. 2014 "medium" (PTB, 2 x 650 LSTM, 39 epochs) under the committed `medium`
-# preset, on a GPU (about 3 minutes on one H200; hours on a CPU).
-REPRO_MEDIUM := reports/reproductions/zaremba-medium
-reproduce-medium: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset medium \
-	  --corpus ptb --model lstm2 --data data/prepared/ptb \
-	  --checkpoints models/reproductions/zaremba-medium.ckpt \
-	  --out models/reproductions/zaremba-medium.pt \
-	  --metrics $(REPRO_MEDIUM)/metrics.json --curve $(REPRO_MEDIUM)/curve.json
+	  --checkpoints models/reproductions/zaremba-$*.ckpt \
+	  --out models/reproductions/zaremba-$*.pt \
+	  --metrics reports/reproductions/zaremba-$*/metrics.json \
+	  --curve reports/reproductions/zaremba-$*/curve.json
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
