@@ -19,6 +19,7 @@ serve all of them without branching on the type:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,6 +43,10 @@ class NetworkConfig:
     tie_weights: bool  # output projection shares the input embedding
     direct_connections: bool  # window: embeddings also feed the output layer
     init_range: float  # uniform init in [-r, r]; 0 keeps PyTorch's defaults
+    # LSTMs: the forget gates' bias after init (Gers et al. 2000; Jozefowicz et al. 2015),
+    # so that a cell starts out keeping its memory; 0 leaves the init above untouched
+    # (the default is for checkpoints written before this setting existed)
+    forget_bias: float = 0.0
 
     def check(self) -> list[tuple[str, str]]:
         """(key, problem) pairs; empty when the configuration is buildable."""
@@ -55,6 +60,8 @@ class NetworkConfig:
             problems.append(("context", f"must be >= 1, got {self.context}"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if not math.isfinite(self.forget_bias):
+            problems.append(("forget_bias", f"must be finite, got {self.forget_bias}"))
         if self.init_range < 0:
             problems.append(("init_range", f"must be >= 0, got {self.init_range}"))
         if self.tie_weights and self.embedding_size != self.hidden_size:
@@ -126,6 +133,18 @@ class RecurrentLM(nn.Module):
         _, state = self.rnn(self.drop(self.embed(idx)), state)  # no output layer
         return state
 
+    def set_forget_bias(self, value: float) -> None:
+        """Every LSTM layer's forget-gate bias to `value`. PyTorch orders an LSTM's gates
+        (input, forget, cell, output) and adds two bias vectors: b_ih carries the value,
+        b_hh is zeroed in the forget slice."""
+        H = self.cfg.hidden_size
+        with torch.no_grad():
+            for name, p in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):
+                    p[H : 2 * H].fill_(value)
+                elif name.startswith("bias_hh"):
+                    p[H : 2 * H].zero_()
+
 
 class LanguageModel(nn.Module):
     """The one interface the training loop and the scorer use."""
@@ -141,6 +160,8 @@ class LanguageModel(nn.Module):
         if cfg.init_range > 0:
             for p in self.parameters():
                 nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
+        if cfg.forget_bias and cfg.kind in ("lstm", "lstm2"):
+            self.net.set_forget_bias(cfg.forget_bias)
 
     def initial_state(self, batch: int, device: torch.device):
         return self.net.initial_state(batch, device)

@@ -88,3 +88,38 @@ def test_bad_configurations_name_the_key(changes, message):
     kind = changes.get("kind", "lstm")
     with pytest.raises(ValueError, match=message):
         LanguageModel(config(kind, **{k: v for k, v in changes.items() if k != "kind"}))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm2"])
+def test_forget_bias_opens_the_forget_gates_and_nothing_else(kind):
+    torch.manual_seed(0)
+    plain = LanguageModel(config(kind)).state_dict()
+    torch.manual_seed(0)
+    opened = LanguageModel(config(kind, forget_bias=1.0)).state_dict()
+    H = 8
+    layers = 2 if kind == "lstm2" else 1
+    for name, value in opened.items():
+        if name.startswith("net.rnn.bias_ih"):  # gates i, f, g, o: only f is set
+            assert torch.equal(value[H : 2 * H], torch.ones(H))
+            assert torch.equal(value[:H], plain[name][:H])
+            assert torch.equal(value[2 * H :], plain[name][2 * H :])
+        elif name.startswith("net.rnn.bias_hh"):  # the sum of the two biases is 1
+            assert torch.equal(value[H : 2 * H], torch.zeros(H))
+            assert torch.equal(value[2 * H :], plain[name][2 * H :])
+        else:
+            assert torch.equal(value, plain[name]), name
+    # the forget gate of a fresh cell with zero input and state: sigmoid(1), not 1/2
+    model = LanguageModel(config(kind, forget_bias=1.0))
+    gates = model.net.rnn.bias_ih_l0 + model.net.rnn.bias_hh_l0
+    assert torch.sigmoid(gates[H : 2 * H]).mean().item() == pytest.approx(0.731, abs=1e-3)
+    assert sum(n.startswith("net.rnn.bias_ih") for n in opened) == layers
+
+
+def test_forget_bias_zero_leaves_the_uniform_draw():
+    """0 (every preset but longrange's): the forget gates keep init_range's draw."""
+    torch.manual_seed(0)
+    model = LanguageModel(config("lstm", forget_bias=0.0, init_range=0.1))
+    forget = (model.net.rnn.bias_ih_l0 + model.net.rnn.bias_hh_l0)[8:16]
+    assert forget.abs().max().item() <= 0.2 and forget.unique().numel() == 8
+    with pytest.raises(ValueError, match="forget_bias: must be finite"):
+        LanguageModel(config("lstm", forget_bias=math.nan))

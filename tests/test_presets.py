@@ -47,7 +47,7 @@ def test_show_prints_every_resolved_setting_with_its_source():
     lines = {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:]}
     assert lines["lr"] == ["1.0", "train.presets.small.defaults"]
     assert lines["loss"] == ["'time_sum'", "train.presets.small.defaults"]
-    assert len(lines) == 22  # every NetworkConfig and TrainConfig setting
+    assert len(lines) == 23  # every NetworkConfig and TrainConfig setting
 
 
 @pytest.mark.parametrize("edit, message", [
