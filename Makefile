@@ -17,7 +17,7 @@ DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-d
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
 .PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
-	screenshots reproduce-small reproduce-medium clean exp team-server-deps team-server-test push pull
+	screenshots reproduce-small reproduce-medium reproduce-wlm clean exp team-server-deps team-server-test push pull
 
 setup: $(VENV)/.installed kenlm
 
@@ -77,18 +77,25 @@ regression: setup
 regression-baseline: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.regression --update
 
-# Zaremba et al. 2014 "small" and "medium" (PTB, 2-layer LSTM, 13 / 39 epochs) under the
-# committed presets, through the pipeline's own prepare and train stages: small about 30
-# minutes on a 2-core CPU, medium about 3 minutes on one H200 GPU (hours on a CPU).
-# Writes reports/reproductions/zaremba-<preset>/{metrics,curve}.json.
-reproduce-small reproduce-medium: reproduce-%: setup
+# The committed reproductions, through the pipeline's own prepare and train stages, each
+# under its preset, writing reports/reproductions/<name>/{metrics,curve}.json:
+#   reproduce-small   Zaremba et al. 2014 "small" (PTB 2 x 200 LSTM, 13 epochs): about 30
+#                     minutes on a 2-core CPU
+#   reproduce-medium  Zaremba et al. 2014 "medium" (2 x 650, 39 epochs): about 3 minutes on
+#                     one H200 GPU (hours on a CPU)
+#   reproduce-wlm     PyTorch's word_language_model, `--epochs 6 --tied` (2 x 200): about 25
+#                     minutes on a 2-core CPU
+REPRO_small := zaremba-small
+REPRO_medium := zaremba-medium
+REPRO_wlm := wlm-tied-6ep
+reproduce-small reproduce-medium reproduce-wlm: reproduce-%: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset $* \
 	  --corpus ptb --model lstm2 --data data/prepared/ptb \
-	  --checkpoints models/reproductions/zaremba-$*.ckpt \
-	  --out models/reproductions/zaremba-$*.pt \
-	  --metrics reports/reproductions/zaremba-$*/metrics.json \
-	  --curve reports/reproductions/zaremba-$*/curve.json
+	  --checkpoints models/reproductions/$(REPRO_$*).ckpt \
+	  --out models/reproductions/$(REPRO_$*).pt \
+	  --metrics reports/reproductions/$(REPRO_$*)/metrics.json \
+	  --curve reports/reproductions/$(REPRO_$*)/curve.json
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
