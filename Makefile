@@ -79,7 +79,9 @@ regression-baseline: setup
 
 # Zaremba et al. 2014 "small" (PTB, 2 x 200 LSTM, 13 epochs) under the committed `small`
 # preset, through the pipeline's own prepare and train stages (about 30 minutes on a
-# 2-core CPU). Writes reports/reproductions/zaremba-small/{metrics,curve}.json.
+# 2-core CPU). Writes reports/reproductions/zaremba-small/{metrics,curve}.json, then the
+# page of the committed reproductions, reports/reproductions/leaderboard.md ("ours −
+# published" from the last epoch's test perplexity, Zaremba et al.'s protocol).
 REPRO := reports/reproductions/zaremba-small
 reproduce-small: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
@@ -88,6 +90,8 @@ reproduce-small: setup
 	  --checkpoints models/reproductions/zaremba-small.ckpt \
 	  --out models/reproductions/zaremba-small.pt \
 	  --metrics $(REPRO)/metrics.json --curve $(REPRO)/curve.json
+	$(BIN)/python -m pipeline.leaderboard --reproductions reports/reproductions \
+	  --out-md reports/reproductions/leaderboard.md
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
