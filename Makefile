@@ -85,6 +85,8 @@ regression-baseline: setup
 #                     one H200 GPU (hours on a CPU)
 #   reproduce-wlm     PyTorch's word_language_model, `--epochs 6 --tied` (2 x 200): about 25
 #                     minutes on a 2-core CPU
+# then the page of the committed reproductions, reports/reproductions/leaderboard.md
+# ("ours - published" under each paper's selection protocol, pipeline/references.py).
 REPRO_small := zaremba-small
 REPRO_medium := zaremba-medium
 REPRO_wlm := wlm-tied-6ep
@@ -96,6 +98,8 @@ reproduce-small reproduce-medium reproduce-wlm: reproduce-%: setup
 	  --out models/reproductions/$(REPRO_$*).pt \
 	  --metrics reports/reproductions/$(REPRO_$*)/metrics.json \
 	  --curve reports/reproductions/$(REPRO_$*)/curve.json
+	$(BIN)/python -m pipeline.leaderboard --reproductions reports/reproductions \
+	  --out-md reports/reproductions/leaderboard.md
 
 lint: setup
 	$(BIN)/ruff check pipeline tests

@@ -15,8 +15,15 @@ A corpus generated from a known source (`synthetic`) also gets its floor: the
 source's entropy rate as a perplexity, the best any model can expect, and the
 source's own perplexity on the very test sentences.
 A published reference is shown beside the row it speaks of; "ours − published" only
-where the row ran its configuration (pipeline/references.py decides), otherwise the
-figure is context with the reason it is not comparable.
+where the row ran its configuration and recorded its figure under the reference's
+selection protocol (pipeline/references.py decides), from that figure; otherwise the
+published figure is context with the reason it is not comparable.
+
+The committed reproductions (reports/reproductions/<run>/metrics.json, written by
+`make reproduce-small` and the like, outside the DVC pipeline) get the same table:
+
+    python -m pipeline.leaderboard --reproductions reports/reproductions \
+        --out-md reports/reproductions/leaderboard.md
 """
 
 from __future__ import annotations
@@ -31,14 +38,14 @@ from pipeline.atomic import write_json, write_text
 from pipeline.dataset import PreparedCorpus
 from pipeline.errors import UserError, run_stage
 from pipeline.lineup import configured_models
-from pipeline.references import REFERENCES_NOTE, compare
+from pipeline.references import ONE_MODEL, REFERENCES_NOTE, compare, protocols_note
 
 COLUMNS = [
     "corpus", "model", "description", "size", "size_unit", "valid_ppl", "test_ppl",
     "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "tokens_per_s",
-    "epochs", "device", "preset", "config",
+    "epochs", "device", "preset", "config", "protocols",
     "ref_valid_ppl", "ref_test_ppl", "test_ppl_minus_ref", "ref_description", "ref_source",
-    "ref_match", "ref_note",
+    "ref_match", "ref_note", "ref_protocol", "protocol_test_ppl",
     "floor_ppl", "source_test_ppl",
 ]
 SCORING_NOTE = (
@@ -75,7 +82,10 @@ def load_floors(prepared_dir: Path, corpora: list[str]) -> dict[str, dict]:
     return floors
 
 
-def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None) -> pd.DataFrame:
+def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None,
+                keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The leaderboard's rows (COLUMNS, plus the metrics' `keep` columns), checked: one
+    vocabulary and one token count per split for every model of a corpus."""
     for corpus, group in metrics.groupby("corpus"):
         if group["vocab_digest"].nunique() != 1:
             raise LeaderboardError(
@@ -91,7 +101,8 @@ def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None) ->
                 )
     table = metrics.copy()
     add_references(table)
-    table["config"] = [config_json(c) for c in table.get("config", [None] * len(table))]
+    for column in ("config", "protocols"):  # as JSON cells
+        table[column] = [config_json(c) for c in table.get(column, [None] * len(table))]
     floors = floors or {}
     table["floor_ppl"] = pd.to_numeric([floors.get(c, {}).get("floor_ppl")
                                         for c in table["corpus"]])
@@ -100,15 +111,16 @@ def build_table(metrics: pd.DataFrame, floors: dict[str, dict] | None = None) ->
     for column in COLUMNS:
         if column not in table:
             table[column] = None
-    return (table[COLUMNS].sort_values(["corpus", "test_ppl"], kind="stable")
+    return (table[COLUMNS + list(keep)].sort_values(["corpus", "test_ppl"], kind="stable")
             .reset_index(drop=True))
 
 
 def add_references(table: pd.DataFrame) -> None:
     """The reference columns, in place: ref_valid_ppl / ref_test_ppl (published perplexities),
-    ref_description (its model and configuration), ref_source, ref_match (our row ran that
-    configuration), ref_note (why not, for a context reference) and test_ppl_minus_ref
-    (ours − published test perplexity, matches only)."""
+    ref_description (its model and configuration), ref_source, ref_protocol (whose test
+    perplexity it reports), ref_match (our row ran that configuration and recorded its figure
+    under that protocol), ref_note (why not, for a context reference), protocol_test_ppl (our
+    figure under the protocol) and test_ppl_minus_ref (that figure − published, matches only)."""
     comparisons = [compare(row) for row in table.to_dict("records")]
     refs = [c.reference for c in comparisons]
     table["ref_valid_ppl"] = pd.to_numeric([r.valid if r else None for r in refs])
@@ -117,24 +129,31 @@ def add_references(table: pd.DataFrame) -> None:
     table["ref_source"] = [r.source if r else "" for r in refs]
     table["ref_match"] = [c.match for c in comparisons]
     table["ref_note"] = [c.note for c in comparisons]
-    table["test_ppl_minus_ref"] = pd.to_numeric(
-        [c.difference(ours) for c, ours in zip(comparisons, table["test_ppl"], strict=True)])
+    table["ref_protocol"] = [r.protocol if r else "" for r in refs]
+    table["protocol_test_ppl"] = pd.to_numeric([c.ours for c in comparisons])
+    table["test_ppl_minus_ref"] = pd.to_numeric([c.difference() for c in comparisons])
 
 
 def config_json(config) -> str:
-    """A row's resolved settings as one CSV cell (JSON, keys sorted); "" when it has none."""
+    """A row's resolved settings (or protocol figures) as one CSV cell (JSON, keys sorted);
+    "" when it has none."""
     return json.dumps(config, sort_keys=True) if isinstance(config, dict) else ""
 
 
 def reference_cells(row) -> tuple[str, str]:
     """("published test ppl (source)", "ours − published") for a leaderboard row: the
-    difference only for a match, "context: <why not comparable>" for another reference."""
+    difference only for a match, with our figure under the reference's protocol where that
+    is not the row's own test ppl (an n-gram's is); "context: <why not comparable>" for
+    another reference."""
     if pd.isna(row.ref_test_ppl):
         return "", ""
     published = f"{_fmt(row.ref_test_ppl, 1)} ({row.ref_description}; {row.ref_source})"
-    if row.ref_match:
+    if not row.ref_match:
+        return published, f"context: {row.ref_note}"
+    if row.ref_protocol == ONE_MODEL:
         return published, _fmt(row.test_ppl_minus_ref)
-    return published, f"context: {row.ref_note}"
+    return published, (f"{_fmt(row.test_ppl_minus_ref)} (ours at the {row.ref_protocol}: "
+                       f"{_fmt(row.protocol_test_ppl)})")
 
 
 def _fmt_epochs(value) -> str:
@@ -152,14 +171,17 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
-def render_markdown(table: pd.DataFrame) -> str:
-    out = ["# Leaderboard", "", SCORING_NOTE, "", REFERENCES_NOTE, ""]
+def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str = "") -> str:
+    """The page: one table per corpus. A row's first cell is its model, or "<run>: <model>"
+    where the table has a `run` column (the committed reproductions)."""
+    out = [f"# {title}", "", *([intro, ""] if intro else []), SCORING_NOTE, "", REFERENCES_NOTE,
+           "", protocols_note(), ""]
     for corpus, group in table.groupby("corpus", sort=False):
         char = group["test_bpc"].notna().any()
         out += [f"## {corpus}", ""]
         floor = floor_note(group)
         out += [floor, ""] if floor else []
-        header = ["model", "size", "valid ppl", "test ppl"]
+        header = ["run: model" if "run" in table else "model", "size", "valid ppl", "test ppl"]
         header += ["test bpc"] if char else []
         header += ["tokens (valid / test)", "train time (s)", "train tok/s", "epochs", "device",
                    "published test ppl (source)", "ours − published"]
@@ -167,7 +189,8 @@ def render_markdown(table: pd.DataFrame) -> str:
         for row in group.itertuples():
             size = f"{_fmt(int(row.size))} {row.size_unit}" if pd.notna(row.size) else ""
             published, difference = reference_cells(row)
-            cells = [row.model, size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
+            name = f"{row.run}: {row.model}" if "run" in table else row.model
+            cells = [name, size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
             cells += [_fmt(row.test_bpc, 3)] if char else []
             cells += [f"{_fmt(int(row.valid_tokens))} / {_fmt(int(row.test_tokens))}",
                       _fmt(row.train_seconds, 1), _fmt(row.tokens_per_s, 0),
@@ -208,14 +231,43 @@ def make_leaderboard(metrics_dir: Path, prepared_dir: Path, models: dict[str, li
     return table
 
 
+REPRODUCTIONS_INTRO = (
+    "Committed runs of a published configuration, outside the DVC pipeline (their commands "
+    "are in the README, Reproductions); each folder of reports/reproductions holds a run's "
+    "metrics and learning curve.")
+
+
+def make_reproductions(folder: Path, out_md: Path) -> pd.DataFrame:
+    """The committed reproductions, folder/<run>/metrics.json, as one leaderboard page."""
+    paths = sorted(folder.glob("*/metrics.json"))
+    if not paths:
+        raise LeaderboardError(f"no reproductions in {folder} (expected <run>/metrics.json)")
+    metrics = pd.DataFrame([json.loads(p.read_text(encoding="utf-8")) | {"run": p.parent.name}
+                            for p in paths])
+    table = build_table(metrics, keep=("run",))
+    write_text(out_md, render_markdown(table, "Reproductions (committed)", REPRODUCTIONS_INTRO))
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--metrics-dir", required=True, type=Path)
-    parser.add_argument("--prepared", required=True, type=Path)
+    parser.add_argument("--metrics-dir", type=Path)
+    parser.add_argument("--prepared", type=Path)
     parser.add_argument("--out-md", required=True, type=Path)
-    parser.add_argument("--out-csv", required=True, type=Path)
-    parser.add_argument("--out-json", required=True, type=Path)
+    parser.add_argument("--out-csv", type=Path)
+    parser.add_argument("--out-json", type=Path)
+    parser.add_argument("--reproductions", type=Path, help="instead: the committed "
+                        "reproductions (<folder>/<run>/metrics.json) to --out-md")
     args = parser.parse_args(argv)
+    if args.reproductions:
+        table = make_reproductions(args.reproductions, args.out_md)
+        print(table[["run", "model", "test_ppl", "protocol_test_ppl", "test_ppl_minus_ref"]]
+              .to_string(index=False))
+        return
+    missing = [f"--{k.replace('_', '-')}" for k in ("metrics_dir", "prepared", "out_csv",
+                                                     "out_json") if getattr(args, k) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     table = make_leaderboard(args.metrics_dir, args.prepared, configured_models(), args.out_md,
                              args.out_csv, args.out_json)
     print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]

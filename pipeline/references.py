@@ -8,6 +8,15 @@ configuration and the reason it is not comparable, never with a difference (a
 difference between two different experiments is neither an error nor a result).
 `compare` decides this for a row; the leaderboard and the report only print it.
 
+The configuration is not the whole protocol: which model's test perplexity a paper
+reports is part of it. Each reference names its selection protocol: the model at
+the last epoch (Zaremba et al., the TensorFlow tutorial), the best of the end-of-epoch
+validation points (PyTorch's word_language_model), the one model an n-gram is, or not
+published (context only). Our own figure, `test_ppl`, is the best validation point's
+(mid-epoch points included); the train stage also records ours under each protocol it
+can (metrics `protocols`), and "ours − published" uses ours under the reference's
+protocol, or is not given when the run recorded none.
+
 Figures and sources: the design guide's table. Not listed, because no model of
 ours is of their kind: the Good-Turing 3-gram (ours are Kneser-Ney), AWD-LSTM and
 the character transformer.
@@ -27,7 +36,14 @@ REFERENCES_NOTE = (
     "\"ours − published\" is given only for a row that ran the published configuration "
     "(model, sizes, dropout, tying, training schedule, epochs, vocabulary); any other "
     "published figure is context, shown with its configuration and why it is not comparable.")
-NOT_PUBLISHED = "configuration not published in full"
+CONFIG_NOT_PUBLISHED = "configuration not published in full"
+# Selection protocols: whose test perplexity a reference reports. The first two are keys of
+# a neural metrics file's `protocols` (pipeline/train.py writes them under these names).
+LAST_EPOCH = "last epoch"  # the model after the final epoch
+BEST_EPOCH_END = "best end-of-epoch validation"  # the best of the points on epoch ends
+ONE_MODEL = "one model"  # an n-gram: estimated once, nothing is selected
+NOT_PUBLISHED = "not published"  # context only: never compared
+PROTOCOLS = (LAST_EPOCH, BEST_EPOCH_END, ONE_MODEL, NOT_PUBLISHED)
 BENGIO_BROWN = ("not comparable, their preprocessing differs (V = 16,383 words from the same "
                 "split and rare-word rule, so their tokens are not ours)")
 
@@ -42,10 +58,18 @@ class Reference:
     valid: float | None  # perplexity of the validation split
     test: float | None  # perplexity of the test split
     source: str
+    protocol: str  # one of PROTOCOLS: whose test perplexity `test` is
     # setting -> value a row must have, as metrics files spell them (`config`, plus ROW_FIELDS);
     # lr and clip in time_sum units (see in_time_sum_units)
     settings: Mapping[str, Any] = field(default_factory=dict)
     not_comparable: str = ""  # why no row of ours can match; "" = comparable when settings do
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"{self.source}: unknown protocol {self.protocol!r}")
+        if self.protocol == NOT_PUBLISHED and not self.not_comparable:
+            raise ValueError(f"{self.source}: a reference whose protocol is not published "
+                             "is context only (set not_comparable)")
 
 
 @dataclass(frozen=True)
@@ -53,14 +77,16 @@ class Comparison:
     """What a row is shown against: a reference, and whether it is a like-for-like match."""
 
     reference: Reference | None
-    match: bool
+    match: bool  # same configuration, and our run recorded its figure under the protocol
     note: str = ""  # why the reference is context only; "" for a match or no reference
+    ours: float | None = None  # our test perplexity under the reference's protocol
 
-    def difference(self, test_ppl: float | None) -> float | None:
-        """ours − published test perplexity, only for a match (else None)."""
-        if not self.match or self.reference.test is None or not _present(test_ppl):
+    def difference(self) -> float | None:
+        """ours (under the reference's protocol) − published test perplexity, only for a
+        match (else None)."""
+        if not self.match or self.reference.test is None or not _present(self.ours):
             return None
-        return round(float(test_ppl) - self.reference.test, 2)
+        return round(self.ours - self.reference.test, 2)
 
 
 def _zaremba(size: str, units: int, dropout: float, init_range: float, bptt: int, epochs: int,
@@ -80,19 +106,20 @@ def _zaremba(size: str, units: int, dropout: float, init_range: float, bptt: int
         f"2-layer LSTM {units}, {no_dropout}, untied, {epochs} epochs, unroll {bptt}, "
         f"SGD lr 1 / {lr_decay:g} per epoch after {decay_after}, clip {clip:g}",
         valid, test, f"Zaremba et al. 2014 ({size}); TensorFlow tutorial {tensorflow}",
-        settings)
+        LAST_EPOCH, settings)
 
 
 REFERENCES: tuple[Reference, ...] = (
     Reference("ptb", "kn5", "Kneser-Ney 5-gram, V = 10,000", None, 141.2,
-              "Mikolov & Zweig 2012; Mikolov 2012 thesis, table 4.1",
+              "Mikolov & Zweig 2012; Mikolov 2012 thesis, table 4.1", ONE_MODEL,
               {"order": 5, "vocab_size": 10_000, "discount_fallback": False}),
     Reference("ptb", "window", "feed-forward NNLM", None, 140.2, "Mikolov 2012 thesis",
-              not_comparable=NOT_PUBLISHED),
-    Reference("ptb", "rnn", "RNN", None, 124.7, "Mikolov & Zweig 2012",
-              not_comparable=NOT_PUBLISHED),
+              NOT_PUBLISHED,
+              not_comparable=CONFIG_NOT_PUBLISHED),
+    Reference("ptb", "rnn", "RNN", None, 124.7, "Mikolov & Zweig 2012", NOT_PUBLISHED,
+              not_comparable=CONFIG_NOT_PUBLISHED),
     Reference("ptb", "gru", "GRU, about 13M parameters, tied, SGD", None, 92.48,
-              "Bai et al. 2018, table 1",
+              "Bai et al. 2018, table 1", NOT_PUBLISHED,
               not_comparable="a larger model (about 13M parameters), "
               "configuration not published in full"),
     _zaremba("small", units=200, dropout=0.0, init_range=0.1, bptt=20, epochs=13,
@@ -105,10 +132,11 @@ REFERENCES: tuple[Reference, ...] = (
              lr_decay=1.15, decay_after=14, clip=10.0, valid=82.2, test=78.4,
              tensorflow="82.62 / 78.29"),
     *(Reference("brown", f"kn{order}", f"Kneser-Ney back-off {order}-gram (SRILM), V = 16,383",
-                valid, test, "Bengio et al. 2003, table 1", not_comparable=BENGIO_BROWN)
+                valid, test, "Bengio et al. 2003, table 1", ONE_MODEL,
+                not_comparable=BENGIO_BROWN)
       for order, valid, test in ((3, 334, 323), (4, 332, 321), (5, 332, 321))),
     Reference("brown", "window", "MLP n=5, h=100, m=30, no direct connections (MLP9), "
-              "V = 16,383", 280, 276, "Bengio et al. 2003, table 1",
+              "V = 16,383", 280, 276, "Bengio et al. 2003, table 1", NOT_PUBLISHED,
               not_comparable=BENGIO_BROWN),
 )
 
@@ -169,6 +197,38 @@ def differences(reference: Reference, settings: Mapping[str, Any] | None) -> lis
             if key not in settings or not _same(settings[key], value)]
 
 
+def protocol_figure(row: Mapping[str, Any], protocol: str) -> float | None:
+    """Our test perplexity under `protocol`, or None when the row records none: an n-gram
+    row's own (ONE_MODEL); a neural row's from its `protocols` (a dict, or its JSON as in
+    leaderboard.csv), as the train stage records them."""
+    if protocol == ONE_MODEL:
+        ngram = _present(row.get("order"))
+        return float(row["test_ppl"]) if ngram and _present(row.get("test_ppl")) else None
+    protocols = row.get("protocols")
+    if isinstance(protocols, str) and protocols:
+        protocols = json.loads(protocols)
+    figure = (protocols.get(protocol) or {}).get("test_ppl") \
+        if isinstance(protocols, dict) else None
+    return float(figure) if _present(figure) else None
+
+
+def protocols_note() -> str:
+    """One line: whose test perplexity each reference reports, and which figure of ours
+    "ours − published" uses."""
+    models: dict[str, dict[str, list[str]]] = {}  # protocol -> author -> our model kinds
+    for reference in REFERENCES:  # in the order of REFERENCES
+        author = reference.source.split(";")[0].split(",")[0].split(" (")[0]
+        kinds = models.setdefault(reference.protocol, {}).setdefault(author, [])
+        kinds += [] if reference.model in kinds else [reference.model]
+    said = "; ".join(
+        f"{protocol}{' (context only)' if protocol == NOT_PUBLISHED else ''}: "
+        + ", ".join(f"{author} ({', '.join(kinds)})" for author, kinds in models[protocol].items())
+        for protocol in PROTOCOLS if protocol in models)
+    return ("Whose test perplexity each reference reports (its selection protocol): " + said
+            + ". Our \"test ppl\" is the best validation point's (mid-epoch points "
+            "included); \"ours − published\" uses our figure under the reference's protocol.")
+
+
 def references_for(corpus: str, model: str) -> list[Reference]:
     return [r for r in REFERENCES if r.corpus == corpus and r.model == model]
 
@@ -183,9 +243,10 @@ def _context_note(reference: Reference, settings: Mapping[str, Any] | None,
 
 
 def compare(row: Mapping[str, Any]) -> Comparison:
-    """The reference to show beside a metrics row (`corpus`, `model`, `config`, ROW_FIELDS),
-    and whether it is a match. A matching reference wins; else the nearest context one (the
-    fewest differing settings, then the order of REFERENCES); else no reference."""
+    """The reference to show beside a metrics row (`corpus`, `model`, `config`, ROW_FIELDS,
+    `protocols`), and whether it is a match: the reference's configuration, and our figure
+    under its protocol recorded. A configuration match wins; else the nearest context one
+    (the fewest differing settings, then the order of REFERENCES); else no reference."""
     candidates = references_for(row["corpus"], row["model"])
     if not candidates:
         return Comparison(None, match=False)
@@ -193,7 +254,12 @@ def compare(row: Mapping[str, Any]) -> Comparison:
     ranked = sorted(((bool(r.not_comparable), len(differences(r, settings)), i, r)
                      for i, r in enumerate(candidates)), key=lambda t: t[:3])
     not_comparable, distance, _, best = ranked[0]
+    ours = protocol_figure(row, best.protocol)
     if not not_comparable and settings is not None and distance == 0:
-        return Comparison(best, match=True)
+        if ours is None:  # the same configuration, but not the paper's selection
+            return Comparison(best, match=False, note=(
+                f"same configuration, but our run records no test perplexity under its "
+                f"protocol ({best.protocol})"))
+        return Comparison(best, match=True, ours=ours)
     return Comparison(best, match=False,
                       note=_context_note(best, settings, differences(best, settings)))

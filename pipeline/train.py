@@ -9,7 +9,9 @@ The configuration is the preset `train.preset` resolved for this corpus and mode
 switch the whole pipeline with `dvc exp run -S train.preset=medium`.
 Checkpoints go to --checkpoints (kept across DVC runs, so a killed run resumes),
 the best one (by validation perplexity) is published as --out, and valid/test
-perplexity of that best model come from the one stream scorer.
+perplexity of that best model come from the one stream scorer. The metrics also
+record the figures that published protocols select (`protocols`: the last epoch's
+model, the best end-of-epoch validation point), for like-for-like comparisons.
 
 Data-parallel: `train.nproc: N` makes this stage relaunch itself as N ranks on
 this machine (torchrun --standalone); several machines run torchrun themselves
@@ -26,7 +28,7 @@ import os
 import shutil
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline import distributed, tracking
@@ -35,7 +37,7 @@ from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
 from pipeline.hostmemory import reuse_freed_memory
-from pipeline.networks import KINDS
+from pipeline.networks import KINDS, LanguageModel
 from pipeline.params import ParamsError, load_section
 from pipeline.perplexity import SplitScore, score_stream, scoring_setup
 from pipeline.precision import LABELS, training_precision
@@ -119,6 +121,50 @@ def check_ranks(params: TrainParams, corpus: str, model: str, ranks: int) -> Non
         raise ParamsError(f"{where}.batch_size: {batch_size} columns cannot be split "
                           f"evenly across {ranks} ranks (train.nproc, or torchrun's "
                           f"--nproc-per-node x --nnodes); make it a multiple of {ranks}")
+
+
+# Selection protocols of published results (pipeline/references.py compares under these
+# names): the model after the last epoch; the best of the validation points on epoch ends.
+LAST_EPOCH, BEST_EPOCH_END = "last epoch", "best end-of-epoch validation"
+
+
+def protocol_scores(history: list[dict], steps_per_epoch: int, best_step: int,
+                    best_test: float, score_last: Callable[[], float]) -> dict:
+    """protocol -> {step, epoch, valid_ppl, test_ppl} of the point it selects from the curve
+    (ties: the first). LAST_EPOCH only for a run that ends on an epoch end. The test ppl is
+    `best_test` for the best point (best.pt), `score_last()` for the last point (the final
+    resume point holds its weights), None for a point whose weights no checkpoint keeps (an
+    epoch end beaten by a mid-epoch point and not the last: validate once an epoch,
+    evals_per_epoch 1, to keep it)."""
+    last = history[-1]
+    ends = [r for r in history if r["step"] % steps_per_epoch == 0]
+    chosen = {LAST_EPOCH: last} if last["step"] % steps_per_epoch == 0 else {}
+    if ends:
+        chosen[BEST_EPOCH_END] = min(ends, key=lambda r: r["valid_ppl"])
+    scored: dict[int, float | None] = {best_step: best_test}
+    if any(point is last for point in chosen.values()) and last["step"] not in scored:
+        scored[last["step"]] = score_last()
+    return {protocol: {"step": point["step"], "epoch": point["epoch"],
+                       "valid_ppl": round(point["valid_ppl"], 4),
+                       "test_ppl": None if scored.get(point["step"]) is None
+                       else round(scored[point["step"]], 4)}
+            for protocol, point in chosen.items()}
+
+
+def final_test_ppl(resume: Path, network, step: int, ids, tokens: int, eval_chunk: int,
+                   eos_id: int, device: str) -> float:
+    """The test split's perplexity under the weights of a finished run's final resume point
+    (last.pt, written at its last validation point, `step`); `tokens`: the count expected."""
+    ckpt = load_checkpoint(resume, device)
+    if ckpt["progress"]["step"] != step:
+        raise RuntimeError(f"{resume} holds step {ckpt['progress']['step']}, not the run's "
+                           f"last point {step}")
+    model = LanguageModel(network).to(device)
+    model.load_state_dict(ckpt["model"])
+    score = score_stream(model, ids, eval_chunk, eos_id, device)
+    if score.tokens != tokens:
+        raise RuntimeError(f"scored {score.tokens} test tokens, prepare counted {tokens}")
+    return score.perplexity
 
 
 def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, out: Path,
@@ -219,6 +265,12 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
             raise RuntimeError(f"scored {score.tokens} tokens of {split}, prepare counted "
                                f"{expected}")
         metrics.update(score.metrics(split, vocab.level))
+    with out_of_memory_advice(corpus, model, device, params, scoring=True):
+        metrics["protocols"] = protocol_scores(
+            history, result["plan"]["steps_per_epoch"], result["best_step"], metrics["test_ppl"],
+            lambda: final_test_ppl(checkpoints / "last.pt", spec.for_vocabulary(len(vocab)),
+                                   history[-1]["step"], data.ids("test"), metrics["test_tokens"],
+                                   params.eval_chunk, vocab.eos_id, device))
     return metrics
 
 
