@@ -99,6 +99,7 @@ def _zaremba(size: str, units: int, dropout: float, init_range: float, bptt: int
         "init_range": init_range, "batch_size": 20, "bptt": bptt, "epochs": epochs,
         "max_tokens": 0, "optimizer": "sgd", "lr": 1.0, "loss": "time_sum",
         "schedule": "decay", "lr_decay": lr_decay, "decay_after": decay_after, "clip": clip,
+        "forget_bias": 0.0,  # the TensorFlow tutorial's BasicLSTMCell(forget_bias=0.0)
         "vocab_size": 10_000,
     }
     return Reference(
@@ -131,6 +132,18 @@ REFERENCES: tuple[Reference, ...] = (
     _zaremba("large", units=1500, dropout=0.65, init_range=0.04, bptt=35, epochs=55,
              lr_decay=1.15, decay_after=14, clip=10.0, valid=82.2, test=78.4,
              tensorflow="82.62 / 78.29"),
+    Reference("ptb", "lstm2", "2-layer LSTM 200, tied, dropout 0.2, 6 epochs, unroll 35, "
+              "SGD lr 20 / 4 after an epoch without improvement, clip 0.25", None, 110.44,
+              "PyTorch word_language_model README at commit 30b9c0e (main.py --epochs 6 "
+              "--tied)", BEST_EPOCH_END,
+              # in time_sum units, as every reference (in_time_sum_units): its lr 20 and
+              # clip 0.25 per token are 20 / 35 and 0.25 x 35; one validation an epoch, as
+              # its plateau rule and its selection read
+              {"embedding_size": 200, "hidden_size": 200, "dropout": 0.2, "tie_weights": True,
+               "batch_size": 20, "bptt": 35, "epochs": 6, "max_tokens": 0,
+               "evals_per_epoch": 1, "optimizer": "sgd", "lr": 20 / 35, "loss": "time_sum",
+               "schedule": "plateau", "lr_decay": 4.0, "clip": 0.25 * 35, "forget_bias": 0.0,
+               "vocab_size": 10_000}),
     *(Reference("brown", f"kn{order}", f"Kneser-Ney back-off {order}-gram (SRILM), V = 16,383",
                 valid, test, "Bengio et al. 2003, table 1", ONE_MODEL,
                 not_comparable=BENGIO_BROWN)
@@ -178,6 +191,8 @@ def row_settings(row: Mapping[str, Any]) -> dict[str, Any] | None:
     if not isinstance(config, dict) and not _present(row.get("order")):
         return None
     settings = dict(config) if isinstance(config, dict) else {}
+    if isinstance(config, dict):  # a run from before the setting existed had its effect
+        settings.setdefault("forget_bias", 0.0)
     settings.update({k: _plain(row[k]) for k in ROW_FIELDS if _present(row.get(k))})
     return in_time_sum_units(settings)
 
