@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from benchmarks import throughput
+from benchmarks.precision import train_once as train_and_time
 from pipeline.atomic import write_json, write_text
 from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
@@ -129,12 +130,9 @@ def medium_verdict(metrics: dict) -> str:
 
 
 def train_once(corpus: str, model: str, data: Path, params: TrainParams, folder: Path) -> dict:
-    """A fresh training and scoring (no resume point reused) in `folder`."""
+    """benchmarks.precision.train_once from scratch: a finished run found would not train."""
     shutil.rmtree(folder, ignore_errors=True)
-    started = time.perf_counter()
-    metrics = train_and_score(corpus, model, data, folder / "ckpt", folder / "model.pt",
-                              folder / "curve.json", params)
-    return metrics | {"wall_s": time.perf_counter() - started}
+    return train_and_time(corpus, model, data, params, folder)
 
 
 def determinism(params: TrainParams, data: Path, out: Path, work: Path) -> str:
@@ -209,8 +207,8 @@ def peer(params: TrainParams, out: Path) -> str:
                                           medium.cuda_graphs)
     ours = throughput.train_tokens_per_s(step, cfg, x, 100, device, precision)
     _, model, _, _, _ = throughput.setup("medium", "lstm2", 10_000, device)
-    layers, hidden_size = 2, cfg_hidden(medium)
-    hidden = tuple(torch.zeros(layers, cfg.batch_size, hidden_size, device=device)
+    hidden_size = model.cfg.hidden_size
+    hidden = tuple(torch.zeros(2, cfg.batch_size, hidden_size, device=device)  # 2 layers
                    for _ in range(2))
     lr, clip = cfg.lr * cfg.bptt, cfg.clip / cfg.bptt  # Zaremba's step in the example's units
     for _ in range(5):
@@ -231,10 +229,6 @@ def peer(params: TrainParams, out: Path) -> str:
     return (f"**peer** (lstm2, 2 x {hidden_size}, batch {cfg.batch_size} x {cfg.bptt}): the "
             f"train stage's step {ours:,.0f} tokens/s ({LABELS[precision]}, {step_kind}), "
             f"word_language_model's step {theirs:,.0f} tokens/s: x{ours / theirs:.2f}.")
-
-
-def cfg_hidden(params: TrainParams) -> int:
-    return params.spec("ptb", "lstm2").network.hidden_size
 
 
 def precision_part(params: TrainParams, data: Path, out: Path, work: Path) -> str:

@@ -584,8 +584,7 @@ def train_segment(run: _Run, progress: Progress, until: int,
         set_lr(run.opt, lr)
         cols = plan.chunk(progress.step, cfg.bptt)
         xb, yb = (t.to(run.device) for t in run.columns.chunk(cols))  # (B/N, T) each
-        with products(run.precision):
-            loss, grad_norm, progress.state = run.step(xb, yb, progress.state)
+        loss, grad_norm, progress.state = run.step(xb, yb, progress.state)
         pending.append(loss * yb.numel())  # nats summed over this rank's chunk tokens
         pending_norms.append(grad_norm)  # global already: clipped after the all-reduce
         progress.step += 1
@@ -751,7 +750,8 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
         run = _Run(model, opt, cfg, plan, columns, device, precision, step, resume, stop, bar,
                    world)
         while progress.step < plan.total_steps:
-            train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
+            with products(precision):  # the segment's products; validation is plain fp32
+                train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
             record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
                               eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
                               network=network)
