@@ -56,8 +56,12 @@ browser-deps:
 kenlm: system-deps $(VENV)/.installed
 	@$(BIN)/python -m pipeline.kenlm_tools > /dev/null
 
-run: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+# Prints the wall time of every stage group at the end and writes it to
+# reports/timings.json (pipeline/timings.py; the set-up group counts from here).
+run:
+	@start=$$(date +%s); $(MAKE) --no-print-directory setup && \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.timings --since $$start \
+	  --out reports/timings.json -- $(BIN)/dvc repro
 	@cat reports/leaderboard.md
 
 # `dvc exp run` with the virtual environment first on PATH, so that the stages' `python`

@@ -12,7 +12,7 @@ memory (resident set size of a fresh process per model on CPU,
 matrix-product peak measured in the same run (a large fp32 and bf16 matmul).
 Where bf16 products have hardware support (CUDA, or a CPU with AVX-512 BF16 or AMX),
 every model is measured twice: fp32, and training under bf16 autocast (`train.cuda_precision` on
-CUDA, `train.cpu_bf16` on a CPU); evaluation is fp32 in both rows, as in the pipeline.
+CUDA, `train.cpu_precision` on a CPU); evaluation is fp32 in both rows, as in the pipeline.
 Useful FLOPs per training token are counted as 6 x the parameters that take part
 in matrix products (2 forward, 4 backward; embedding lookups excluded).
 Each process reuses freed memory as the train stage does (pipeline/hostmemory.py).

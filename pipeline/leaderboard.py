@@ -41,9 +41,9 @@ from pipeline.lineup import configured_models
 from pipeline.references import ONE_MODEL, REFERENCES_NOTE, compare, protocols_note
 
 COLUMNS = [
-    "corpus", "model", "description", "size", "size_unit", "valid_ppl", "test_ppl",
+    "corpus", "model", "family", "description", "size", "size_unit", "valid_ppl", "test_ppl",
     "valid_bpc", "test_bpc", "valid_tokens", "test_tokens", "train_seconds", "tokens_per_s",
-    "epochs", "device", "preset", "config", "protocols",
+    "train_tokens", "epochs", "device", "precision", "preset", "config", "protocols",
     "ref_valid_ppl", "ref_test_ppl", "test_ppl_minus_ref", "ref_description", "ref_source",
     "ref_match", "ref_note", "ref_protocol", "protocol_test_ppl",
     "floor_ppl", "source_test_ppl",
@@ -156,9 +156,37 @@ def reference_cells(row) -> tuple[str, str]:
                        f"{_fmt(row.protocol_test_ppl)})")
 
 
-def _fmt_epochs(value) -> str:
-    """Epochs trained: 13, or 0.62 for a run stopped inside an epoch."""
-    return "" if value is None or pd.isna(value) else f"{round(float(value), 2):g}"
+def _fmt_budget(tokens, epochs) -> str:
+    """Training tokens and epochs: "1,859,160 (2)", or "500,500 (0.54)" for a run stopped
+    inside an epoch; "" for a model that is counted, not trained (an n-gram)."""
+    if epochs is None or pd.isna(epochs):
+        return ""
+    counted = "" if tokens is None or pd.isna(tokens) else f"{int(tokens):,} "
+    return f"{counted}({round(float(epochs), 2):g})"
+
+
+def _fmt_device(row) -> str:
+    """"cpu, bf16 autocast": where the model trained and in what arithmetic."""
+    training = str(row.precision).split(",")[0].removeprefix("training ") \
+        if isinstance(row.precision, str) else ""
+    return ", ".join(part for part in (row.device or "", training) if part)
+
+
+def verdict(group: pd.DataFrame) -> str:
+    """One sentence on a corpus, drawn from its rows: the best neural model against the
+    best n-gram (test perplexity), and how many neural models beat that n-gram; "" where
+    the corpus lacks either family."""
+    neural = group[group["family"] == "neural"].sort_values("test_ppl")
+    ngram = group[group["family"] == "ngram"].sort_values("test_ppl")
+    if neural.empty or ngram.empty:
+        return ""
+    best, kn = neural.iloc[0], ngram.iloc[0]
+    change = best["test_ppl"] / kn["test_ppl"] - 1
+    ahead = int((neural["test_ppl"] < kn["test_ppl"]).sum())
+    lead = "leads" if change < 0 else "trails"
+    return (f"**{best['model']} {lead} the best n-gram**: test {best['test_ppl']:.2f} against "
+            f"{kn['model']}'s {kn['test_ppl']:.2f} ({change:+.1%}); {ahead} of {len(neural)} "
+            f"neural models score below {kn['model']}.")
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -181,9 +209,12 @@ def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str 
         out += [f"## {corpus}", ""]
         floor = floor_note(group)
         out += [floor, ""] if floor else []
+        said = verdict(group)
+        out += [said, ""] if said else []
         header = ["run: model" if "run" in table else "model", "size", "valid ppl", "test ppl"]
         header += ["test bpc"] if char else []
-        header += ["tokens (valid / test)", "train time (s)", "train tok/s", "epochs", "device",
+        header += ["tokens (valid / test)", "train time (s)", "train tok/s",
+                   "training budget: tokens (epochs)", "device, training",
                    "published test ppl (source)", "ours − published"]
         out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in group.itertuples():
@@ -194,7 +225,8 @@ def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str 
             cells += [_fmt(row.test_bpc, 3)] if char else []
             cells += [f"{_fmt(int(row.valid_tokens))} / {_fmt(int(row.test_tokens))}",
                       _fmt(row.train_seconds, 1), _fmt(row.tokens_per_s, 0),
-                      _fmt_epochs(row.epochs), row.device or "", published, difference]
+                      _fmt_budget(row.train_tokens, row.epochs), _fmt_device(row),
+                      published, difference]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

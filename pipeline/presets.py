@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import ParamsError, build, require
-from pipeline.precision import PRECISIONS
+from pipeline.precision import CPU_PRECISIONS, PRECISIONS
 from pipeline.training import TrainConfig
 
 # NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
@@ -59,7 +59,7 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda", "mps"]
     cuda_precision: dict  # model -> fp32 | tf32 | bf16: its training steps on CUDA
     cuda_graphs: bool  # replay each training step as a CUDA graph (pipeline/graphed.py)
-    cpu_bf16: bool  # bfloat16 autocast for training on a CPU with bf16 matrix units
+    cpu_precision: str  # auto | fp32 | bf16: training steps on a CPU (pipeline/precision.py)
     eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
     checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = eval points only
     nproc: int  # data-parallel ranks on this machine (torchrun); 1 = one plain process
@@ -80,6 +80,8 @@ class TrainParams:
                 and sorted(self.cuda_precision) == sorted(KINDS), f"{key}.cuda_precision",
                 f"expected a mapping with an entry for each of {', '.join(KINDS)}, got "
                 f"{self.cuda_precision!r}")
+        require(self.cpu_precision in CPU_PRECISIONS, f"{key}.cpu_precision",
+                f"unknown value {self.cpu_precision!r}; known: {', '.join(CPU_PRECISIONS)}")
         for model, precision in self.cuda_precision.items():
             require(precision in PRECISIONS, f"{key}.cuda_precision.{model}",
                     f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")

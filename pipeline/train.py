@@ -59,9 +59,9 @@ class OutOfMemory(UserError, RuntimeError):
 
 def precision_of(device: str, params: TrainParams, model: str) -> str:
     """The precision `model`'s training steps run in on `device` (pipeline/precision.py):
-    train.cuda_precision.<model> on CUDA, train.cpu_bf16 on a CPU."""
+    train.cuda_precision.<model> on CUDA, train.cpu_precision on a CPU."""
     return training_precision(device, cuda=params.cuda_precision[model],
-                              cpu_bf16=params.cpu_bf16)
+                              cpu=params.cpu_precision)
 
 
 def pick_device(requested: str) -> str:

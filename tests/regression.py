@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                         "reuse it: LMB_PIPELINE_RUN=<folder> pytest ...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params change over the regression configuration, e.g. "
-                        "train.cpu_bf16=true: is it within the baseline's tolerances? "
+                        "train.cpu_precision=fp32: is it within the baseline's tolerances? "
                         "(repeatable; not with --update or --keep)")
     args = parser.parse_args(argv)
     if args.set and (args.update or args.keep):

@@ -80,6 +80,8 @@ def test_precision_check_sets_only_the_seed_and_judges_the_means():
     assert "fp32: mean valid ppl 100.25 over 2 seed(s), valid ppl from 100.00 to 100.50" in text
     runs["bf16 autocast", 2] = run(103.0)
     assert ": FAIL;" in precision.report(runs, [1, 2], "head")
+    runs["bf16 autocast", 2] = run(97.0)  # 2% better on the means: no quality lost
+    assert ": pass;" in precision.report(runs, [1, 2], "head")
 
 
 def test_precision_check_on_the_regression_configuration_judges_each_model_on_its_means():
@@ -91,8 +93,11 @@ def test_precision_check_on_the_regression_configuration_judges_each_model_on_it
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
     # a/lstm: 100.5 against 101 (-0.50%), +1.00% and -1.96% per seed, fp32 2% from itself
     assert "| -0.50% | +1.00%, -1.96% | 2.00% |" in rows["a/lstm"]
-    assert "+3.00% (beyond 1%)" in rows["b/gru"]  # 51.5 against 50
-    assert "1 of 2 models beyond 1% (means over 2 seed(s)): FAIL" in text
+    assert "+3.00% (worse by over 1%)" in rows["b/gru"]  # 51.5 against 50
+    assert "1 of 2 models worse by over 1% (means over 2 seed(s)): FAIL" in text
+    runs["bf16 autocast", 1]["b/gru"] = runs["bf16 autocast", 2]["b/gru"] = 48.0  # 4% better
+    text = precision.regression_report(runs, [1, 2], "head")
+    assert "0 of 2 models worse by over 1% (means over 2 seed(s)): pass" in text
 
 
 def test_precision_check_seeds_every_model_of_the_regression_configuration(tmp_path):
@@ -102,11 +107,11 @@ def test_precision_check_seeds_every_model_of_the_regression_configuration(tmp_p
     params_file.write_text(yaml.safe_dump(regression.configuration()))
     regression.change_params(params_file, precision.regression_changes("bf16 autocast", 5))
     params = load_section("train", TrainParams, params_file)
-    assert params.cpu_bf16
+    assert params.cpu_precision == "bf16"
     for corpus in yaml.safe_load(params_file.read_text())["corpora"]:
         for model in params.models:  # no model or corpus layer sets a seed of its own
             assert params.spec(corpus, model).training.seed == 5, (corpus, model)
-    assert precision.regression_changes("fp32", 5)[0] == "train.cpu_bf16=false"
+    assert precision.regression_changes("fp32", 5)[0] == "train.cpu_precision=fp32"
 
 
 def test_gpu_checklist_trains_without_dvc_mlflow_or_kenlm(mirror, tmp_path):

@@ -258,7 +258,8 @@ def test_bf16_training_on_the_cpu_lands_near_fp32(kind, tmp_path):
     assert bf16["best_valid_ppl"] == pytest.approx(fp32["best_valid_ppl"], rel=0.02)
 
 
-def test_cpu_bf16_is_off_by_default_and_refused_where_bf16_is_emulated(monkeypatch):
+@pytest.mark.parametrize("units", [True, False], ids=["bf16-units", "no-bf16-units"])
+def test_cpu_precision_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, units):
     import dataclasses
 
     from pipeline import precision
@@ -266,11 +267,29 @@ def test_cpu_bf16_is_off_by_default_and_refused_where_bf16_is_emulated(monkeypat
     from pipeline.presets import TrainParams
     from pipeline.train import precision_of
 
+    monkeypatch.setattr(precision, "bf16_products", lambda device: units)
     params = load_section("train", TrainParams)
-    assert precision_of("cpu", params, "lstm2") == "fp32"  # the CPU numbers stay fp32
-    wanted = dataclasses.replace(params, cpu_bf16=True)
-    if BF16_CPU:
-        assert precision_of("cpu", wanted, "lstm2") == "bf16"
-    monkeypatch.setattr(precision, "bf16_products", lambda device: False)
-    with pytest.raises(precision.PrecisionError, match=r"^train\.cpu_bf16: .* emulated"):
-        precision_of("cpu", wanted, "lstm2")
+    assert params.cpu_precision == "auto"  # the default
+    assert precision_of("cpu", params, "lstm2") == ("bf16" if units else "fp32")
+    fp32 = dataclasses.replace(params, cpu_precision="fp32")
+    assert precision_of("cpu", fp32, "lstm2") == "fp32"
+    bf16 = dataclasses.replace(params, cpu_precision="bf16")
+    if units:
+        assert precision_of("cpu", bf16, "lstm2") == "bf16"
+    else:
+        with pytest.raises(precision.PrecisionError,
+                           match=r"^train\.cpu_precision: .* emulated"):
+            precision_of("cpu", bf16, "lstm2")
+    # a GPU follows train.cuda_precision, whatever the CPU setting
+    assert precision_of("cuda", fp32, "lstm2") == params.cuda_precision["lstm2"]
+
+
+def test_precision_choice_is_the_fastest_that_costs_at_most_one_percent():
+    from pipeline.precision import choose
+
+    speed = {"fp32": 1.0, "tf32": 2.0, "bf16": 3.0}
+    assert choose({"fp32": 100.0, "tf32": 100.9, "bf16": 101.2}, speed) == "tf32"
+    assert choose({"fp32": 100.0, "tf32": 101.5, "bf16": 95.0}, speed) == "bf16"  # lower: no loss
+    assert choose({"fp32": 100.0, "tf32": 102.0, "bf16": 103.0}, speed) == "fp32"
+    with pytest.raises(ValueError, match="fp32"):
+        choose({"bf16": 100.0}, {"bf16": 3.0})
