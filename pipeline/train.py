@@ -5,7 +5,7 @@
         --metrics reports/metrics/ptb/lstm2.json --curve reports/curves/ptb/lstm2.json
 
 The configuration is the preset `train.preset` resolved for this corpus and model
-(pipeline/presets.py; print it with `python -m pipeline.params show ptb lstm2`);
+(pipeline/presets.py; print it with `python -m pipeline.presets show ptb lstm2`);
 switch the whole pipeline with `dvc exp run -S train.preset=medium`.
 Checkpoints go to --checkpoints (kept across DVC runs, so a killed run resumes),
 the best one (by validation perplexity) is published as --out, and valid/test

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline.networks import LanguageModel, NetworkConfig
-from pipeline.params import ParamsError, build, show
-from pipeline.presets import TrainParams
+from pipeline.params import ParamsError, build
+from pipeline.presets import TrainParams, show
 from pipeline.training import train_step
 
 REPO = Path(__file__).resolve().parents[1]

@@ -321,7 +321,7 @@ def test_a_corrupted_mirror_file_is_one_clear_line(tmp_path, mirror):
 
 
 def test_a_bad_params_value_is_one_clear_line():
-    done = run_module(["pipeline.params", "show", "ptb", "lstm7"], {})
+    done = run_module(["pipeline.presets", "show", "ptb", "lstm7"], {})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: unknown model 'lstm7'; known: ")
 
