@@ -29,6 +29,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.context import context_use
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
@@ -39,7 +40,6 @@ from pipeline.lineup import is_ngram, models_of
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.params import load_section, require
 from pipeline.recall import dependency_losses
-from pipeline.training import load_checkpoint, load_model
 
 RECURRENT = ("rnn", "gru", "lstm", "lstm2")
 

@@ -3,7 +3,7 @@
 Every import statement counts, a lazy one inside a function included: a stage runs
 the code it imports there too. Two readers need the answer and must agree with
 each other: tests/test_stage_deps.py checks each dvc.yaml stage's module deps
-against it, and the resume fingerprint (pipeline/checkpoints.py) hashes the
+against it, and the resume fingerprint (pipeline/resume.py) hashes the
 source of every module the training loop uses.
 """
 

@@ -30,7 +30,7 @@ from pipeline.errors import run_stage
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import PARAMS_FILE, ParamsError, build, load_section, require
 from pipeline.precision import PRECISIONS
-from pipeline.training import TrainConfig
+from pipeline.schedule import TrainConfig
 
 # NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
 NETWORK_KEYS = tuple(f.name for f in dataclasses.fields(NetworkConfig)

@@ -15,7 +15,7 @@ import yaml
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.params import ParamsError, build
 from pipeline.presets import TrainParams, show
-from pipeline.training import train_step
+from pipeline.steps import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
