@@ -167,11 +167,12 @@ def ptb_ids(ptb_small) -> dict[str, np.ndarray]:
 
 
 def train_small(ids: dict, folder: Path) -> dict:
+    import torch  # a pinned dependency: no skip (the training imports it anyway)
+
     from pipeline.networks import NetworkConfig
     from pipeline.schedule import TrainConfig
     from pipeline.training import train_model
 
-    torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     network = NetworkConfig(kind="lstm", vocab_size=ids["vocab"], embedding_size=16,
                             hidden_size=16, context=3, dropout=0.0, tie_weights=False,
