@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.imports import PACKAGE, ROOT, imported_closure
+from pipeline.imports import PACKAGE, ROOT, direct_imports, imported_closure
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 # data files under pipeline/ (not modules) a stage may depend on: stage -> {dep: the name
@@ -68,6 +68,14 @@ def test_other_deps_are_read_by_the_stage(stage):
             assert f'"{name}"' in sources, f"{stage}: no module it imports opens {dep}"
         else:  # a stage output upstream: the stage reads the paths its command names
             assert dep in body(stage)["cmd"], f"{stage}: {dep} is not on its command line"
+
+
+@pytest.mark.parametrize("module", sorted(f.name for f in PACKAGE.glob("*.py")))
+def test_no_module_imports_itself_through_another(module):
+    """No import circle (lazy imports included): each module's deps end below it."""
+    path = PACKAGE / module
+    circles = sorted(dep.name for dep in direct_imports(path) if path in imported_closure(dep))
+    assert not circles, f"{module} and {circles} import each other"
 
 
 def test_package_markers_are_empty():
