@@ -52,6 +52,7 @@ import torch
 from benchmarks import throughput
 from benchmarks.precision import train_once as train_and_time
 from pipeline.atomic import write_json, write_text
+from pipeline.checkpoints import load_model
 from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS, LanguageModel
@@ -61,7 +62,7 @@ from pipeline.precision import LABELS, PRECISIONS, choose
 from pipeline.presets import TrainParams
 from pipeline.references import compare
 from pipeline.train import pick_device, train_and_score
-from pipeline.training import TrainingInterrupted, load_model
+from pipeline.training import TrainingInterrupted
 
 PARTS = ("graphs", "medium", "peer", "precision", "scoring", "determinism", "throughput")
 TARGET_TEST, TARGET_SECONDS = 84.0, 300.0  # issue 24: test <= 84, the stage within 5 min

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py [--presets quick small medium] [--steps 30]
 
 For each preset and model: training tokens/s through the train stage's own step
-(`pipeline.training.train_step`, with the preset's optimizer, loss and clip) on
+(`pipeline.steps.train_step`, with the preset's optimizer, loss and clip) on
 random token ids over a PTB-sized vocabulary (throughput does not depend on the
 text), after 3 warm-up steps, the median of groups of 5 steps; exact-evaluation
 tokens/s through the one scorer (`score_stream`), the fastest of 3 passes; peak
@@ -41,8 +41,8 @@ from pipeline.params import load_section
 from pipeline.perplexity import cpu_model, score_stream
 from pipeline.precision import LABELS, bf16_products, products
 from pipeline.presets import TrainParams
+from pipeline.steps import make_optimizer, make_step
 from pipeline.train import pick_device
-from pipeline.training import make_optimizer, make_step
 
 # A row's training figure is the median of groups of GROUP steps, its evaluation figure
 # the fastest of EVAL_PASSES passes: a moment of load on a shared machine does not move it

@@ -10,7 +10,7 @@ For every neural model of the corpus, on the `analyse.split` split:
                        started from: same network and seed) and trained
     context.json       perplexity with the context truncated to k tokens against the
                        carried state (pipeline/context.py)
-    dependencies.json  the long-range corpus only (pipeline/longrange.py): per gap, the
+    dependencies.json  the long-range corpus only (pipeline/recall.py): per gap, the
                        loss at the dependent positions above the source's exact floor
 
 Everything is logged to MLflow as run `<corpus>/analysis`; the report stage plots it.
@@ -29,6 +29,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.context import context_use
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
@@ -38,7 +39,7 @@ from pipeline.hostmemory import reuse_freed_memory
 from pipeline.lineup import is_ngram, models_of
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.params import load_section, require
-from pipeline.training import load_checkpoint, load_model
+from pipeline.recall import dependency_losses
 
 RECURRENT = ("rnn", "gru", "lstm", "lstm2")
 
@@ -131,8 +132,6 @@ def analyse_corpus(corpus: str, data: Path, models_dir: Path, models: list[str],
         print(f"{corpus}/{model}: analysed in {out['seconds'][model]:.1f} s", flush=True)
     source = prepared.meta.get("source") or {}
     if source.get("dependencies"):
-        from pipeline.longrange import dependency_losses
-
         out["dependencies"] = dependency_losses(
             {m: load_model(models_dir / f"{m}.pt", vocab_digest=vocab.digest())
              for m in out["context"]}, ids, vocab=vocab, source=source)

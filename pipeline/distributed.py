@@ -5,7 +5,7 @@ it reduces to.
     torchrun --standalone --nproc-per-node 4 -m pipeline.train ...   4 ranks, one machine
 
 (`train.nproc` in params.yaml makes the stage relaunch itself through torchrun.)
-The B columns of the training stream (pipeline/training.py) are split into N
+The B columns of the training stream (pipeline/steps.py) are split into N
 contiguous blocks, one per rank; each rank reads and carries the state of its own
 columns only, in the same order as one process does:
 

@@ -56,7 +56,7 @@ class GraphedStep:
     def __init__(self, model: LanguageModel, opt: torch.optim.Optimizer, *, cfg,
                  autocast: bool, step):
         self.model, self.opt, self.cfg, self.autocast = model, opt, cfg, autocast
-        self._step = step  # pipeline.training.train_step (passed in: no import cycle)
+        self._step = step  # pipeline.steps.train_step (passed in: no import cycle)
         self.warm = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.x = self.y = self.state_in = self.loss = self.norm = None

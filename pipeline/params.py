@@ -6,15 +6,12 @@ the wrong type are rejected with a message naming the full key (`ngram.orders`),
 so a typo in params.yaml fails loudly instead of silently using a default.
 Defaults live in params.yaml only: the dataclasses have none.
 
-    python -m pipeline.params show ptb lstm2 [--preset small]
-
-prints one neural model's fully resolved training settings and where each comes
-from (the presets are explained in pipeline/presets.py).
+A leaf: it imports no other pipeline module but `errors`, so every stage can depend on
+it without depending on the presets (whose `show` command lives in pipeline/presets.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from pipeline.errors import UserError, run_stage
+from pipeline.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 # the top-level keys of params.yaml: the corpus list, then one section per stage
@@ -132,38 +129,3 @@ def require(condition: bool, key: str, message: str) -> None:
     """For `validate` hooks: raise ParamsError naming `key` unless `condition`."""
     if not condition:
         raise ParamsError(f"{key}: {message}")
-
-
-def show(corpus: str, model: str, preset: str | None = None, path: Path = PARAMS_FILE) -> str:
-    """The resolved settings of `model` on `corpus`, one per line with their source."""
-    from pipeline.corpora import CORPUS_NAMES
-    from pipeline.networks import KINDS
-    from pipeline.presets import TrainParams
-
-    if corpus not in CORPUS_NAMES:
-        raise ParamsError(f"unknown corpus {corpus!r}; known: {', '.join(CORPUS_NAMES)}")
-    if model not in KINDS:
-        raise ParamsError(f"unknown model {model!r}; known: {', '.join(KINDS)}")
-    params = load_section("train", TrainParams, path)
-    spec = params.spec(corpus, model, preset)  # checks every value
-    resolved = params.resolve(corpus, model, preset)
-    flat = spec.flat()
-    width = max(map(len, flat))
-    lines = [f"# {model} on {corpus}, preset {preset or params.preset}"]
-    lines += [f"{name:<{width}}  {flat[name]!r:<12}  {resolved[name][1]}" for name in flat]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print resolved settings from params.yaml.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("show", help="a neural model's resolved training settings")
-    cmd.add_argument("corpus")
-    cmd.add_argument("model")
-    cmd.add_argument("--preset", help="default: train.preset")
-    args = parser.parse_args(argv)
-    print(show(args.corpus, args.model, args.preset))  # a ParamsError: see run_stage
-
-
-if __name__ == "__main__":
-    run_stage(main)

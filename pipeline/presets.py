@@ -14,20 +14,23 @@ Each setting is a field of NetworkConfig or TrainConfig; the resolved mapping is
 split between the two by field name, so a new field is declared once, in its
 dataclass. See every resolved value and the layer it came from with
 
-    python -m pipeline.params show ptb lstm2 [--preset small]
+    python -m pipeline.presets show ptb lstm2 [--preset small]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.corpora import CORPUS_NAMES
+from pipeline.errors import run_stage
 from pipeline.networks import KINDS, NetworkConfig
-from pipeline.params import ParamsError, build, require
+from pipeline.params import PARAMS_FILE, ParamsError, build, load_section, require
 from pipeline.precision import CPU_PRECISIONS, PRECISIONS
-from pipeline.training import TrainConfig
+from pipeline.schedule import TrainConfig
 
 # NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
 NETWORK_KEYS = tuple(f.name for f in dataclasses.fields(NetworkConfig)
@@ -161,3 +164,34 @@ class TrainParams:
         for name, problem in network.check() + training.check():
             raise ParamsError(f"{resolved[name][1]}.{name}: {problem}")
         return ModelSpec(network, training)
+
+
+def show(corpus: str, model: str, preset: str | None = None, path: Path = PARAMS_FILE) -> str:
+    """The resolved settings of `model` on `corpus`, one per line with their source."""
+    if corpus not in CORPUS_NAMES:
+        raise ParamsError(f"unknown corpus {corpus!r}; known: {', '.join(CORPUS_NAMES)}")
+    if model not in KINDS:
+        raise ParamsError(f"unknown model {model!r}; known: {', '.join(KINDS)}")
+    params = load_section("train", TrainParams, path)
+    spec = params.spec(corpus, model, preset)  # checks every value
+    resolved = params.resolve(corpus, model, preset)
+    flat = spec.flat()
+    width = max(map(len, flat))
+    lines = [f"# {model} on {corpus}, preset {preset or params.preset}"]
+    lines += [f"{name:<{width}}  {flat[name]!r:<12}  {resolved[name][1]}" for name in flat]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print resolved settings from params.yaml.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("show", help="a neural model's resolved training settings")
+    cmd.add_argument("corpus")
+    cmd.add_argument("model")
+    cmd.add_argument("--preset", help="default: train.preset")
+    args = parser.parse_args(argv)
+    print(show(args.corpus, args.model, args.preset))  # a ParamsError: see run_stage
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -101,7 +101,7 @@ def sample_neural(model_path: Path, vocab: Vocabulary, prompt: list[int], length
                   temperature: float, seed: int) -> list[int]:
     import torch
 
-    from pipeline.training import load_model
+    from pipeline.checkpoints import load_model
 
     model = load_model(model_path, "cpu", vocab.digest()).eval()
     rng = np.random.default_rng(seed)

@@ -5,7 +5,7 @@
         --metrics reports/metrics/ptb/lstm2.json --curve reports/curves/ptb/lstm2.json
 
 The configuration is the preset `train.preset` resolved for this corpus and model
-(pipeline/presets.py; print it with `python -m pipeline.params show ptb lstm2`);
+(pipeline/presets.py; print it with `python -m pipeline.presets show ptb lstm2`);
 switch the whole pipeline with `dvc exp run -S train.preset=medium`.
 Checkpoints go to --checkpoints (kept across DVC runs, so a killed run resumes),
 the best one (by validation perplexity) is published as --out, and valid/test
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pipeline import distributed, tracking
 from pipeline.atomic import atomic_path, write_json
+from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import DataError, PreparedCorpus
 from pipeline.errors import UserError, run_stage
@@ -42,7 +43,7 @@ from pipeline.params import ParamsError, load_section
 from pipeline.perplexity import SplitScore, score_stream, scoring_setup
 from pipeline.precision import LABELS, training_precision
 from pipeline.presets import TrainParams
-from pipeline.training import TrainingInterrupted, load_checkpoint, load_model, train_model
+from pipeline.training import TrainingInterrupted, train_model
 
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",

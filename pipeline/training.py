@@ -1,19 +1,8 @@
 """One training loop for every neural model (truncated BPTT over the token stream).
 
-The training split is cut into `batch_size` contiguous columns; each step reads the
-next `bptt` tokens of every column, with the state carried from the step before
-and detached (truncated back-propagation through time):
-
-    stream  a b c d e f g h i j k l          batch_size = 3, bptt = 2
-    column 0: a b | c d        step 1 reads [a b], [e f], [i j]
-    column 1: e f | g h        step 2 reads [c d], [g h], [k l]
-    column 2: i j | k l
-
-A run is bounded by epochs and, optionally, by a number of training tokens
-(`max_tokens`), never by wall-clock time: the same commit on the same machine
-trains the same model. It is planned up front (`Plan`): how many steps, and
-after which steps to validate (`evals_per_epoch` points per epoch, plus the
-last step), so a one-epoch run still has a learning curve.
+The run is planned up front (pipeline/schedule.py: `Plan`, the lr schedule), reads
+the training split as columns, one optimizer step at a time (pipeline/steps.py), and
+keeps a resume point (pipeline/resume.py; the files: pipeline/checkpoints.py):
 
     train_model
       Plan            steps, validation points
@@ -21,11 +10,6 @@ last step), so a one-epoch run still has a learning curve.
                       every `checkpoint_every_s` and on Ctrl-C / SIGTERM
       train_segment   train_step ... up to the next validation point
       validate        exact perplexity of the valid split; best.pt; lr schedule
-
-`last.pt` is used only when its fingerprint of configuration, data, `extra`
-(the vocabulary digest among it) and training code matches; a resumed run
-continues exactly (same batches, state, RNG) and ends with the same numbers.
-Checkpoints are state dicts plus plain data, loadable with weights_only=True.
 
 The same loop runs as one process or as N data-parallel ranks under torchrun
 (`world`, pipeline/distributed.py): each rank trains B/N of the columns, and the
@@ -36,33 +20,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import json
 import math
-import os
 import signal
 import statistics
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path
+from pipeline.checkpoints import save_checkpoint, wait_for_checkpoints
 from pipeline.distributed import RANK_SEED_STRIDE, SINGLE, World, wrap
 from pipeline.errors import UserError
-from pipeline.graphed import GraphedStep
-from pipeline.networks import LanguageModel, NetworkConfig, detach
+from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
 from pipeline.precision import products
+from pipeline.resume import Progress, ResumePoint, fingerprint
+from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
+from pipeline.steps import (
+    Columns,
+    ResidentColumns,
+    Step,
+    lr_to_device,
+    make_optimizer,
+    make_step,
+    set_lr,
+)
 
 CHECK_EVERY = 50  # steps between host-side loss checks (a .item() is a GPU sync)
 
@@ -77,430 +65,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signal_name: str, message: str):
         super().__init__(f"{signal_name}: {message}")
         self.exit_code = 128 + signal.Signals[signal_name].value  # as if the signal killed it
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int  # B: parallel columns of the training stream
-    bptt: int  # T: tokens per column per step (truncated back-propagation length)
-    epochs: int  # passes over the training split, at most
-    max_tokens: int  # stop once this many training tokens are seen (a whole step); 0 = off
-    evals_per_epoch: int  # validation points per epoch (learning-curve resolution)
-    optimizer: Literal["sgd", "adam"]
-    lr: float  # in the unit of `loss`
-    # token_mean: loss averaged over B x T tokens; time_sum: summed over the T unrolled
-    # steps, averaged over B (Zaremba et al.'s code): the same step as token_mean with
-    # lr x T and clip / T
-    loss: Literal["token_mean", "time_sum"]
-    # decay: lr /= lr_decay after every epoch >= decay_after (Zaremba et al.);
-    # plateau: lr /= lr_decay after an epoch that did not improve validation;
-    # cosine: from lr down to lr x lr_min over the planned steps, after a linear warm-up
-    schedule: Literal["decay", "plateau", "cosine"]
-    lr_decay: float
-    decay_after: int
-    warmup: float  # cosine: fraction of the planned steps spent warming up linearly
-    lr_min: float  # cosine: the last step's lr, as a fraction of lr
-    clip: float  # gradient-norm clip, in the unit of `loss`; 0 = off
-    seed: int
-
-    def check(self) -> list[tuple[str, str]]:
-        """(key, problem) pairs; empty when the configuration is usable."""
-        problems = [(k, f"must be positive, got {getattr(self, k)}")
-                    for k in ("batch_size", "bptt", "epochs", "evals_per_epoch")
-                    if getattr(self, k) <= 0]
-        problems += [(k, f"must be >= 0, got {getattr(self, k)}")
-                     for k in ("max_tokens", "clip", "decay_after") if getattr(self, k) < 0]
-        if self.lr <= 0:
-            problems.append(("lr", f"must be positive, got {self.lr}"))
-        if self.lr_decay < 1:
-            problems.append(("lr_decay", f"must be >= 1, got {self.lr_decay}"))
-        if not 0 <= self.warmup < 1:
-            problems.append(("warmup", f"must be in [0, 1), got {self.warmup}"))
-        if not 0 <= self.lr_min <= 1:
-            problems.append(("lr_min", f"must be in [0, 1], got {self.lr_min}"))
-        return problems
-
-
-@dataclass(frozen=True)
-class Columns:
-    """The training stream as B contiguous columns of L tokens (the diagram above), read
-    from the split's id array, a read-only memory map, one chunk at a time: only a
-    step's tokens are ever copied, so a split larger than memory trains.
-    Column c holds stream[c*L : (c+1)*L]; its targets are shifted by one."""
-
-    ids: np.ndarray  # the split's token ids, in order
-    length: int  # L: tokens per column
-    rows: range  # the columns this process reads: all B, or one rank's B/N
-
-    @classmethod
-    def of(cls, ids: np.ndarray, batch_size: int, rows: slice = slice(None)) -> Columns:
-        length = (len(ids) - 1) // batch_size
-        if length < 1:
-            raise ValueError(f"{len(ids)} tokens cannot fill a batch of {batch_size} columns")
-        return cls(ids, length, range(batch_size)[rows])
-
-    def chunk(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (rows, T) int64: positions `cols` of every column."""
-        starts = np.asarray(self.rows, dtype=np.int64) * self.length  # (R,)
-        index = starts[:, None] + np.arange(cols.start, cols.stop)[None, :]  # (R, T)
-        x = torch.from_numpy(np.asarray(self.ids[index], dtype=np.int64))  # (R, T)
-        y = torch.from_numpy(np.asarray(self.ids[index + 1], dtype=np.int64))  # (R, T)
-        return x, y
-
-
-class ResidentColumns:
-    """The same columns held on a GPU whole, inputs and targets each one (R, L) int64
-    tensor (16 bytes a token: PTB's 0.9M tokens take 15 MB), so that a step's chunk is a
-    slice: no host copy, hence no host-device synchronisation at every step (a copy
-    from pageable memory waits for the GPU to finish the step before)."""
-
-    def __init__(self, columns: Columns, device: str):
-        x, y = columns.chunk(slice(0, columns.length))  # (R, L) each
-        self.x, self.y = x.to(device), y.to(device)
-        self.length = columns.length
-
-    def chunk(self, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[:, cols], self.y[:, cols]  # (R, T) each, views
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How many steps a run takes and after which ones it validates."""
-
-    columns: int  # L: tokens per column of the batched training split
-    steps_per_epoch: int
-    total_steps: int
-    eval_steps: tuple[int, ...]  # validate after these global step counts
-
-    @classmethod
-    def make(cls, columns: int, cfg: TrainConfig) -> Plan:
-        spe = math.ceil(columns / cfg.bptt)
-        total = cfg.epochs * spe
-        if cfg.max_tokens:
-            per_epoch = cfg.batch_size * columns
-            full, rest = divmod(cfg.max_tokens, per_epoch)
-            if full < cfg.epochs:  # every step but an epoch's last reads B x T tokens
-                total = full * spe + math.ceil(rest / (cfg.batch_size * cfg.bptt))
-        total = max(total, 1)
-        span = min(spe, total)  # a run shorter than an epoch spreads its points over itself
-        points = {e * spe + round(k * span / cfg.evals_per_epoch)
-                  for e in range(math.ceil(total / spe))
-                  for k in range(1, cfg.evals_per_epoch + 1)}
-        evals = tuple(sorted({s for s in points if 0 < s <= total} | {total}))
-        return cls(columns, spe, total, evals)
-
-    def chunk(self, step: int, bptt: int) -> slice:
-        """Columns read by 0-based global `step`."""
-        start = (step % self.steps_per_epoch) * bptt
-        return slice(start, min(start + bptt, self.columns))
-
-    def next_eval(self, step: int) -> int:
-        return next(s for s in self.eval_steps if s > step)
-
-
-def scheduled_lr(cfg: TrainConfig, plan: Plan, step: int, epoch_lr: float) -> float:
-    """The lr of 0-based global `step`. decay/plateau: `epoch_lr`, which changes only at
-    epoch ends (next_lr); cosine: a function of the step alone."""
-    if cfg.schedule != "cosine":
-        return epoch_lr
-    warm = min(round(cfg.warmup * plan.total_steps), plan.total_steps - 1)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    after = plan.total_steps - warm  # steps of the cosine, the first at lr, the last at the floor
-    progress = (step - warm) / (after - 1) if after > 1 else 1.0  # 0 .. 1
-    return cfg.lr * (cfg.lr_min + (1 - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:
-    """The epoch-level lr after `epoch`: fixed decay from decay_after on (Zaremba et al.),
-    or divide-on-plateau when the epoch did not beat the best validation so far."""
-    if (cfg.schedule == "decay" and epoch >= cfg.decay_after) or \
-            (cfg.schedule == "plateau" and not improved):
-        return lr / cfg.lr_decay
-    return lr
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
-                   graphed: bool = False) -> torch.optim.Optimizer:
-    """SGD or Adam at cfg.lr. `graphed` (a CUDA graph replays the step): the lr lives in
-    a device tensor that set_lr updates in place, SGD is the fused kernel and Adam keeps
-    its step count on the device (capturable)."""
-    if not graphed:
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=cfg.lr)
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    lr = torch.tensor(cfg.lr, device=next(model.parameters()).device)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, fused=True)
-    return torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's lr; a tensor lr (make_optimizer(graphed=True)) is written in place,
-    where a captured graph reads it, and only when it changes (a write is a kernel)."""
-    for group in opt.param_groups:
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = lr
-        elif group.get("host_lr") != lr:
-            group["lr"].fill_(lr)
-            group["host_lr"] = lr
-
-
-def lr_to_device(opt: torch.optim.Optimizer, device: str) -> None:
-    """After load_state_dict from a CPU checkpoint: tensor lrs back on the device."""
-    for group in opt.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"] = group["lr"].to(device)
-            group.pop("host_lr", None)
-
-
-def make_step(model: LanguageModel, opt: torch.optim.Optimizer, *, cfg: TrainConfig,
-              precision: str, graphs: bool,
-              trainer: torch.nn.Module | None = None) -> Callable[..., Step]:
-    """The training step the loop calls as step(x, y, state) -> Step: train_step on
-    `trainer` (the model, or DDP(model)), or its CUDA graph (`graphs`: the optimizer from
-    make_optimizer(graphed=True)). Benchmarks time this same callable."""
-    autocast = precision == "bf16"
-    if graphs:
-        return GraphedStep(model, opt, cfg=cfg, autocast=autocast, step=train_step)
-    return functools.partial(train_step, trainer or model, opt, cfg=cfg, autocast=autocast)
-
-
-class Step(NamedTuple):
-    """What one optimizer step returns; tensors stay on the device (no host sync)."""
-
-    loss: torch.Tensor  # mean loss of the chunk, nats per token
-    grad_norm: torch.Tensor  # global gradient norm before clipping, in the unit of `loss`
-    state: object  # the carried state, detached
-
-
-def train_step(model: LanguageModel, opt: torch.optim.Optimizer, xb: torch.Tensor,
-               yb: torch.Tensor, state, *, cfg: TrainConfig, autocast: bool) -> Step:
-    """One optimizer step on a (B, T) chunk."""
-    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=autocast):
-        _, loss, state = model(xb, yb, state)  # loss: mean over B x T tokens
-    opt.zero_grad(set_to_none=True)
-    # time_sum: summed over the T unrolled steps, averaged over the batch
-    (loss * yb.size(1) if cfg.loss == "time_sum" else loss).backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    if cfg.clip > 0:  # clip_grad_norm_ returns the norm it measured before clipping
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    opt.step()
-    return Step(loss.detach(), grad_norm.detach(), detach(state))
-
-
-@dataclass
-class Progress:
-    """Everything a resumed run needs besides the model and optimizer (plain data)."""
-
-    lr: float  # the epoch-level lr (decay/plateau schedules)
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # training tokens seen
-    seconds: float = 0.0  # training time, validation excluded
-    best_valid: float = math.inf
-    best_step: int = 0
-    history: list = field(default_factory=list)
-    segment_losses: list = field(default_factory=list)  # per-step nats since the last
-    # validation point (summed with math.fsum)
-    segment_grad_norms: list = field(default_factory=list)  # per-step norms before clipping
-    segment_tokens: int = 0
-    segment_seconds: float = 0.0
-    state: object = None  # the carried recurrent state (tensors) mid-epoch
-
-
-def _rng_state() -> dict:
-    """Every generator dropout may draw from (CPU, CUDA, MPS)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-def _to_device(state, device: str):
-    """A carried recurrent state (None, a tensor or a tuple of them) on `device`."""
-    if state is None:
-        return None
-    if isinstance(state, tuple | list):
-        return tuple(s.to(device) for s in state)
-    return state.to(device)
-
-
-def fingerprint(net_cfg: NetworkConfig, cfg: TrainConfig, train_ids: np.ndarray,
-                valid_ids: np.ndarray, extra: dict) -> str:
-    """What a resume point must match: configuration, data, `extra` and the training code.
-    (Scoring code may change: a finished run is then only re-scored, see scoring_setup.)"""
-    h = hashlib.sha256()
-    h.update(json.dumps([asdict(net_cfg), asdict(cfg), extra], sort_keys=True).encode())
-    for ids in (train_ids, valid_ids):  # a memory map, hashed a block at a time
-        for start in range(0, len(ids), 1 << 22):
-            h.update(np.ascontiguousarray(ids[start : start + (1 << 22)]).tobytes())
-    for module in ("networks.py", "training.py", "distributed.py", "graphed.py",
-                   "precision.py"):
-        h.update((Path(__file__).parent / module).read_bytes())
-    return h.hexdigest()[:20]
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used: damaged, or from another vocabulary."""
-
-
-def save_checkpoint(path: Path, payload: dict, background: bool = False) -> None:
-    """Write `payload` to `path` atomically. `background` (a GPU run): snapshot its
-    tensors to host memory now and write on a thread while training goes on, one file at
-    a time; wait_for_checkpoints() returns once written (and raises what the write did)."""
-    if not background:
-        with atomic_path(path) as tmp:  # synced to disk before it replaces `path`
-            torch.save(payload, tmp)
-        return
-    snapshot = _on_host(payload)  # the weights change at the next step
-    wait_for_checkpoints()
-    _WRITER["thread"] = threading.Thread(target=_write_in_background,
-                                         args=(path, snapshot), name="checkpoint")
-    _WRITER["thread"].start()
-
-
-_WRITER: dict = {"thread": None, "error": None}  # the one background write in flight
-
-
-def _write_in_background(path: Path, payload: dict) -> None:
-    try:
-        save_checkpoint(path, payload)
-    except BaseException as exc:  # handed to the training thread by wait_for_checkpoints
-        _WRITER["error"] = exc
-
-
-def wait_for_checkpoints() -> None:
-    """Block until the background checkpoint write (if any) is on disk."""
-    thread, _WRITER["thread"] = _WRITER["thread"], None
-    if thread is not None:
-        thread.join()
-    error, _WRITER["error"] = _WRITER["error"], None
-    if error is not None:
-        raise error
-
-
-def _on_host(value):
-    """A copy of `value` (nested dicts, lists, tuples of tensors and plain data) whose
-    tensors are in host memory."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _on_host(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_on_host(v) for v in value)
-    return value
-
-
-def check_checkpoint(path: Path) -> None:
-    """Raise CheckpointError if `path` is truncated or damaged (a full disk, a power cut):
-    torch.save writes a zip archive whose members carry CRC-32 checksums, all verified
-    here. The damaged file is moved aside to `<name>.corrupt`, so that the next run does
-    not find it again."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-        problem = f"member {bad} fails its CRC check" if bad else None
-    except (zipfile.BadZipFile, EOFError) as exc:
-        problem = f"not a complete zip archive: {exc}"
-    if problem is not None:
-        aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({problem}); "
-                              f"moved it to {aside}")
-
-
-def load_checkpoint(path: Path, device: str = "cpu") -> dict:
-    """A checkpoint as plain data and tensors (weights_only: no code is unpickled).
-    Raises CheckpointError for a damaged file (see check_checkpoint)."""
-    check_checkpoint(path)
-    return torch.load(path, weights_only=True, map_location=device)
-
-
-@dataclass
-class ResumePoint:
-    """checkpoint_dir/last.pt: the model, optimizer, RNG and Progress of a run."""
-
-    path: Path
-    key: str  # fingerprint()
-    extra: dict  # plain data stored with it (corpus, vocabulary digest, ...)
-    world: World = SINGLE  # the ranks that share it
-    background: bool = False  # written on a thread (GPU runs: training does not wait)
-
-    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             progress: Progress) -> None:
-        """Write last.pt. Under several ranks every rank calls it (a collective): rank 0
-        gathers the state of all B columns and every rank's RNG, and writes alone."""
-        world = self.world
-        state, rng = world.gather_columns(progress.state), world.gather(_rng_state())
-        if not world.is_main:
-            return
-        plain = asdict(progress) | {"state": detach(state)}
-        ranks = {"world_size": world.size, "rng_ranks": rng} if world.distributed else {}
-        save_checkpoint(self.path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "rng": rng[0], "fingerprint": self.key,
-                                    "progress": plain, **ranks, **self.extra},
-                        background=self.background)
-
-    def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             device: str) -> Progress | None:
-        """The saved Progress (model, optimizer and RNG restored), or None to start over.
-        Under several ranks rank 0 reads last.pt and broadcasts it; each rank keeps its
-        own columns of the carried state (saved for all B) and its own RNG."""
-        world = self.world
-        ckpt = self._read() if world.is_main else None
-        ckpt = world.broadcast(ckpt)
-        if ckpt is None:
-            return None
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        _restore_rng(ckpt, world)
-        progress = Progress(**ckpt["progress"])
-        progress.state = _to_device(world.own_columns(progress.state), device)
-        return progress
-
-    def _read(self) -> dict | None:
-        """The checkpoint if it is intact and of this run (on the CPU), else None."""
-        if not self.path.exists():
-            return None
-        try:
-            ckpt = load_checkpoint(self.path)  # on the CPU: RNG states must stay there
-            if ckpt.get("fingerprint") == self.key and ckpt.get("progress", {}).get("history"):
-                check_checkpoint(self.path.with_name("best.pt"))  # validated: the run's best
-        except (CheckpointError, FileNotFoundError) as exc:
-            print(f"{exc}: training from scratch", flush=True)
-            return None
-        if ckpt.get("fingerprint") != self.key or "progress" not in ckpt:
-            print(f"{self.path} belongs to another configuration, data or code: "
-                  "training from scratch")
-            return None
-        return ckpt
-
-
-def _restore_rng(ckpt: dict, world: World) -> None:
-    """This rank's saved RNG. A checkpoint written by another number of ranks continues
-    the model exactly but not the dropout masks: ranks > 0 then draw anew."""
-    saved = ckpt.get("rng_ranks") or [ckpt["rng"]]
-    if len(saved) == world.size:
-        _set_rng_state(saved[world.rank])
-        return
-    _set_rng_state(saved[0])
-    if world.rank > 0:
-        torch.manual_seed(RANK_SEED_STRIDE * world.rank + ckpt["progress"]["step"])
-    if world.is_main:
-        print(f"resume point written by {len(saved)} rank(s), resumed by {world.size}: "
-              "dropout masks differ from an uninterrupted run")
 
 
 class _StopOnSignal:
@@ -783,18 +347,3 @@ def _finishing_writes():
 
 def _quiet(*args, **kwargs) -> None:
     """print() for ranks other than 0: one log per run."""
-
-
-def load_model(path: Path, device: str = "cpu",
-               vocab_digest: str | None = None) -> LanguageModel:
-    """The model of a best checkpoint; refuses one trained on another vocabulary, or a
-    damaged one (moved aside: `dvc repro` then sees the output missing and rebuilds it)."""
-    try:
-        ckpt = load_checkpoint(path, device)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; rerun `dvc repro` to publish it again") from None
-    if vocab_digest is not None and ckpt.get("vocab_digest") != vocab_digest:
-        raise CheckpointError(f"{path} was trained on another vocabulary; retrain it")
-    model = LanguageModel(NetworkConfig(**ckpt["network"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model

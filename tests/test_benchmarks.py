@@ -16,7 +16,7 @@ import yaml
 
 import benchmarks.precision as precision
 import benchmarks.throughput as throughput
-from pipeline import perplexity, training
+from pipeline import perplexity, steps
 from pipeline.params import load_section
 from pipeline.prepare import prepare_corpus
 from pipeline.presets import TrainParams
@@ -33,9 +33,9 @@ def test_throughput_times_the_train_stages_own_step_and_scorer(monkeypatch):
         return wrapper
 
     # the stage's step and the one scorer, not copies
-    assert throughput.make_step is training.make_step
+    assert throughput.make_step is steps.make_step
     assert throughput.score_stream is perplexity.score_stream
-    monkeypatch.setattr(training, "train_step", counted("train_step", training.train_step))
+    monkeypatch.setattr(steps, "train_step", counted("train_step", steps.train_step))
     monkeypatch.setattr(throughput, "score_stream",
                         counted("score_stream", throughput.score_stream))
     row = throughput.measure("quick", "lstm", vocab=300, steps=10, eval_tokens=700,

@@ -26,10 +26,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline import distributed, training
+from pipeline import distributed, steps, training
+from pipeline.checkpoints import load_checkpoint
 from pipeline.distributed import UnevenColumns, World
 from pipeline.errors import UserError
-from pipeline.training import TrainingInterrupted, load_checkpoint
+from pipeline.training import TrainingInterrupted
 from tests.test_training import TRAIN, VALID, net, train_cfg, without_timings
 
 RANKS = 2
@@ -72,7 +73,7 @@ def rank_main(rank: int, port: int, folder: Path) -> None:
         results = {"few_steps": train(FEW_STEPS, folder / "few_steps", world),
                    "curve": train(CURVE, folder / "curve", world),
                    "straight": train(RESUMED, folder / "straight", world)}
-        step = training.train_step
+        step = steps.train_step
         calls = 0
 
         def signalled_step(*args, **kwargs):
@@ -82,7 +83,7 @@ def rank_main(rank: int, port: int, folder: Path) -> None:
                 signal.raise_signal(signal.SIGINT)
             return step(*args, **kwargs)
 
-        training.train_step = signalled_step
+        steps.train_step = signalled_step
         try:
             train(RESUMED, folder / "resumed", world)
             raise AssertionError("SIGINT on rank 1 did not stop both ranks")
@@ -91,7 +92,7 @@ def rank_main(rank: int, port: int, folder: Path) -> None:
             if world.is_main:  # its writer
                 last = load_checkpoint(folder / "resumed" / "last.pt")
                 results["interrupted"]["step"] = last["progress"]["step"]
-        training.train_step = step
+        steps.train_step = step
         results["resumed"] = train(RESUMED, folder / "resumed", world)
         if world.is_main:
             (folder / "results.json").write_text(json.dumps(results))

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.graphed import WARMUP, GraphedStep
 from pipeline.networks import LanguageModel
-from pipeline.training import make_optimizer, set_lr, train_model, train_step
+from pipeline.steps import make_optimizer, set_lr, train_step
+from pipeline.training import train_model
 from tests.test_training import TRAIN, VALID, net, train_cfg, without_timings
 
 CUDA = torch.cuda.is_available()

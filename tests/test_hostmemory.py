@@ -34,7 +34,8 @@ TRAINING = """
 import hashlib, json, sys, torch
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import LanguageModel, NetworkConfig
-from pipeline.training import TrainConfig, make_optimizer, train_step
+from pipeline.schedule import TrainConfig
+from pipeline.steps import make_optimizer, train_step
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 torch.manual_seed(0)

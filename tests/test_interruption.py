@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.training import load_checkpoint
+from pipeline.checkpoints import load_checkpoint
 from tests.regression import BIN
 
 STAGE = "train@custom-lstm2"

@@ -14,14 +14,10 @@ import torch
 
 from pipeline.dataset import PreparedCorpus
 from pipeline.download import download_corpus
-from pipeline.longrange import (
-    LongRangeParams,
-    LongRangeSource,
-    dependency_losses,
-    dependent_positions,
-)
+from pipeline.longrange import LongRangeParams, LongRangeSource
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.prepare import prepare_corpus
+from pipeline.recall import dependency_losses, dependent_positions
 from pipeline.synthetic import SOURCE_FILE
 from tests.conftest import PREPARE_PARAMS, download_params
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,22 @@ def write_params(tmp_path, **changes) -> Path:
     return path
 
 
-def test_repository_params_load():
+def as_loaded(value):
+    """A params.yaml value as a typed section holds it: lists become tuples."""
+    if isinstance(value, dict):
+        return {key: as_loaded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(as_loaded(item) for item in value)
+    return value
+
+
+def test_repository_params_load_as_written():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, cls in [("download", DownloadParams), ("prepare", PrepareParams),
                          ("ngram", NgramParams)]:
-        load_section(section, cls, REPO / "params.yaml")
+        loaded = load_section(section, cls, REPO / "params.yaml")
+        assert isinstance(loaded, cls)
+        assert dataclasses.asdict(loaded) == as_loaded(raw[section]), section
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -216,10 +216,10 @@ def ptb_lines(tmp_path_factory, mirror) -> Path:
 def test_the_stage_scores_the_last_epoch_from_the_final_weights(ptb_lines, tmp_path):
     """On real PTB lines: the last epoch's figures are those of the weights at the end of
     training (the final resume point), scored by the one scorer."""
+    from pipeline.checkpoints import load_checkpoint
     from pipeline.dataset import PreparedCorpus
     from pipeline.networks import LanguageModel, NetworkConfig
     from pipeline.perplexity import score_stream
-    from pipeline.training import load_checkpoint
     from tests.test_faults import small_train_params
 
     # a constant lr 0.1 over-fits these 120 lines: the best point is epoch 2's (measured)

@@ -167,10 +167,12 @@ def ptb_ids(ptb_small) -> dict[str, np.ndarray]:
 
 
 def train_small(ids: dict, folder: Path) -> dict:
-    from pipeline.networks import NetworkConfig
-    from pipeline.training import TrainConfig, train_model
+    import torch  # a pinned dependency: no skip (the training imports it anyway)
 
-    torch = pytest.importorskip("torch")
+    from pipeline.networks import NetworkConfig
+    from pipeline.schedule import TrainConfig
+    from pipeline.training import train_model
+
     torch.set_num_threads(1)
     network = NetworkConfig(kind="lstm", vocab_size=ids["vocab"], embedding_size=16,
                             hidden_size=16, context=3, dropout=0.0, tie_weights=False,
@@ -200,14 +202,14 @@ def test_a_truncated_checkpoint_is_moved_aside_and_training_starts_over(tmp_path
     assert f"moved it to {tmp_path / damaged}.corrupt: training from scratch" in said
     assert (tmp_path / f"{damaged}.corrupt").is_file()
     assert again == first  # trained again from the start, to the same numbers
-    from pipeline.training import load_checkpoint, load_model
+    from pipeline.checkpoints import load_checkpoint, load_model
 
     load_checkpoint(tmp_path / "last.pt")
     load_model(tmp_path / "best.pt")
 
 
 def test_a_corrupt_published_model_names_the_file(tmp_path, ptb_ids):
-    from pipeline.training import CheckpointError, load_model
+    from pipeline.checkpoints import CheckpointError, load_model
 
     train_small(ptb_ids, tmp_path)
     model = tmp_path / "lstm.pt"  # as the sample stage reads models/<corpus>/<model>.pt
@@ -274,8 +276,8 @@ def test_the_published_valid_score_is_the_scorer_on_the_published_model(ptb_smal
     best.pt (not scoring the split twice): exactly what the one scorer gives that model
     under the same setup. Under another setup (here another chunk) it scores again."""
     from pipeline import train
+    from pipeline.checkpoints import load_model
     from pipeline.perplexity import score_stream
-    from pipeline.training import load_model
     from tests.test_faults import small_train_params
 
     scored = []  # the splits the stage scores itself, after training
@@ -321,7 +323,7 @@ def test_a_corrupted_mirror_file_is_one_clear_line(tmp_path, mirror):
 
 
 def test_a_bad_params_value_is_one_clear_line():
-    done = run_module(["pipeline.params", "show", "ptb", "lstm7"], {})
+    done = run_module(["pipeline.presets", "show", "ptb", "lstm7"], {})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: unknown model 'lstm7'; known: ")
 

@@ -74,7 +74,7 @@ def test_generation_is_deterministic_and_splits_are_independent(tmp_path):
 
 
 def test_trigram_lands_close_to_the_floor_shown_by_prepare(tmp_path):
-    """The default source: KN 3-gram within 5% of the floor, a bigram far above it."""
+    """The default source: KN 3-gram within 1% of the floor, a bigram far above it."""
     raw = download_corpus("synthetic", tmp_path / "raw", download_params())
     source = json.loads((raw / SOURCE_FILE).read_text())
     meta = prepare_corpus("synthetic", raw, tmp_path / "prepared", PREPARE_PARAMS)
@@ -85,12 +85,11 @@ def test_trigram_lands_close_to_the_floor_shown_by_prepare(tmp_path):
     kn = {order: build_ngram("synthetic", order, tmp_path / "prepared",
                              tmp_path / f"kn{order}.bin", params) for order in (2, 3)}
     assert kn[3]["test_tokens"] == source["splits"]["test"]["tokens"]
-    # on these very test sentences the source itself scores a little under its entropy
-    # rate; with 2M training tokens the KN 3-gram comes within 1% of it
-    assert meta["source"]["ppl_per_split"]["test"] < kn[3]["test_ppl"] < 1.05 * floor
+    # on these very test sentences the true source scores a little under its entropy rate
+    # and beats the estimated model; with 2M training tokens the KN 3-gram comes within 1%
+    # of the floor (measured: 0.998 x; 1.03 x when trained on the first 15% of the split)
+    assert meta["source"]["ppl_per_split"]["test"] < kn[3]["test_ppl"] < 1.01 * floor
     assert kn[2]["test_ppl"] > 2 * floor
-    # on the very same sentences, the true source beats the estimated model
-    assert meta["source"]["ppl_per_split"]["test"] < kn[3]["test_ppl"]
 
 
 def test_source_that_tokenization_changed_is_refused(tmp_path):

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import load_checkpoint, load_model
+from pipeline.imports import PACKAGE
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.precision import bf16_products
-from pipeline.training import (
-    Plan,
-    ResumePoint,
-    TrainConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    load_checkpoint,
-    load_model,
-    next_lr,
-    scheduled_lr,
-    train_model,
-)
+from pipeline.resume import RESCORED, ResumePoint, training_code
+from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
+from pipeline.training import TrainingDiverged, TrainingInterrupted, train_model
 
 V = 8
 # a stream with structure: a cycle 2 3 4 5 6 <eos>, with every 7th token replaced at random
@@ -135,6 +130,8 @@ def test_divergence_is_a_clear_error(tmp_path):
 
 def test_resume_point_is_ignored_when_data_or_config_changed(tmp_path, capsys):
     torch.set_num_threads(1)
+    # the mismatch's own line, not the damaged checkpoint's (which also starts over)
+    another = f"{tmp_path / 'last.pt'} belongs to another configuration, data or code"
     cfg = train_cfg(epochs=1)
     train(net("rnn"), cfg, tmp_path)
     capsys.readouterr()
@@ -143,12 +140,25 @@ def test_resume_point_is_ignored_when_data_or_config_changed(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
     # other training data: a fresh start, never a silent continuation
     train(net("rnn"), cfg, tmp_path, train_ids=TRAIN[::-1].copy())
-    assert "training from scratch" in capsys.readouterr().out
+    assert another in capsys.readouterr().out
     train(net("rnn"), train_cfg(epochs=1, lr=0.02), tmp_path)
-    assert "training from scratch" in capsys.readouterr().out
+    assert another in capsys.readouterr().out
     # another vocabulary with the same ids (its digest travels in `extra`)
     train(net("rnn"), train_cfg(epochs=1, lr=0.02), tmp_path, extra={"vocab_digest": "b"})
-    assert "training from scratch" in capsys.readouterr().out
+    assert another in capsys.readouterr().out
+
+
+def test_the_fingerprint_covers_every_module_the_training_loads():
+    """The code a resume point must match is read off the imports (pipeline/imports.py):
+    every pipeline module that importing the loop loads is hashed, the scorer aside."""
+    probe = "import sys, pipeline.training; print(*sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=PACKAGE.parent).stdout.split()
+    files = {PACKAGE / f"{name.split('.')[1]}.py" for name in loaded
+             if name.startswith("pipeline.")}
+    hashed, unhashed = set(training_code()), files - RESCORED
+    assert unhashed <= hashed, f"not in the fingerprint: {sorted(unhashed - hashed)}"
+    assert not hashed & RESCORED
 
 
 def test_learning_rate_schedules():
@@ -226,7 +236,7 @@ def test_gradient_norms_are_summarised_per_validation_point(tmp_path):
 
 
 def test_columns_read_a_memory_mapped_stream_chunk_by_chunk(tmp_path):
-    from pipeline.training import Columns
+    from pipeline.steps import Columns
 
     np.save(tmp_path / "train.npy", TRAIN.astype(np.uint16))
     ids = np.load(tmp_path / "train.npy", mmap_mode="r")  # as the train stage opens it
