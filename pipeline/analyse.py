@@ -155,6 +155,8 @@ def metrics_of(results: dict) -> dict[str, float]:
     for model, gaps in (results.get("dependencies") or {}).get("models", {}).items():
         for gap, excess in zip(gaps["gaps"], gaps["excess_nats"], strict=True):
             flat[f"{model}_gap{gap}_excess_nats"] = excess
+        if gaps.get("carried_gap") is not None:
+            flat[f"{model}_carried_gap"] = gaps["carried_gap"]
     return flat
 
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from pipeline.perplexity import stream_token_nll
 
+CARRIED_NATS = 0.5  # a gap is carried when the excess loss there is below this (of 1.9)
+
 
 def dependent_positions(ids: np.ndarray, *, query_id: int,
                         eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,10 +36,19 @@ def dependency_losses(models: dict, ids: np.ndarray, *, vocab, source: dict) -> 
     positions, gaps = dependent_positions(ids, query_id=vocab.tokens.index(deps["query"]),
                                           eos_id=vocab.eos_id)
     out = {"floor_nats": deps["floor_nats"], "forget_nats": deps["forget_nats"],
+           "carried_below_nats": CARRIED_NATS,
            "positions": {int(g): int((gaps == g).sum()) for g in deps["gaps"]}, "models": {}}
     for name, model in models.items():
         nll = stream_token_nll(model, ids, chunk=2048, eos_id=vocab.eos_id)[positions]
         means = [float(nll[gaps == g].mean()) for g in deps["gaps"]]
+        excess = [m - deps["floor_nats"] for m in means]
         out["models"][name] = {"gaps": list(deps["gaps"]), "loss_nats": means,
-                               "excess_nats": [m - deps["floor_nats"] for m in means]}
+                               "excess_nats": excess, "carried_gap": carried_gap(
+                                   list(deps["gaps"]), excess)}
     return out
+
+
+def carried_gap(gaps: list[int], excess_nats: list[float]) -> int | None:
+    """The largest gap d (tokens) whose excess loss is below CARRIED_NATS; None if none."""
+    carried = [g for g, e in zip(gaps, excess_nats, strict=True) if e < CARRIED_NATS]
+    return max(carried) if carried else None

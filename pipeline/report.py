@@ -280,15 +280,17 @@ def dependencies_table(record: dict) -> str:
     """Excess loss over the exact floor at the dependent positions, per model and gap."""
     models = record["models"]
     gaps = next(iter(models.values()))["gaps"]
-    head = "".join(f"<th>gap {g}</th>" for g in gaps)
+    head = "".join(f"<th>gap {g}</th>" for g in gaps) + "<th>largest gap carried</th>"
     body = "".join(f"<tr><td>{html.escape(m)}</td>"
-                   + "".join(f"<td>{e:.3f}</td>" for e in r["excess_nats"]) + "</tr>"
+                   + "".join(f"<td>{e:.3f}</td>" for e in r["excess_nats"])
+                   + f"<td>{r.get('carried_gap') or 'none'}</td></tr>"
                    for m, r in models.items())
     return (f"<h4>Long-range dependencies: loss above the floor (nats)</h4><p>At each "
             f"dependent position the best possible loss is {record['floor_nats']:.3f} nats "
             f"(the source's own uncertainty); a model that forgot the token d positions back "
             f"pays {record['forget_nats']:.3f} nats above it. Mean over the "
-            f"{record['split']} split's dependent positions of each gap.</p>"
+            f"{record['split']} split's dependent positions of each gap. A gap is carried "
+            f"where the excess is below {record['carried_below_nats']} nats.</p>"
             f"<table><thead><tr><th>model</th>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 

@@ -63,7 +63,8 @@ TOLERANCE = {"ngram": 1e-4, "neural": 0.01, "floor": 1e-9}
 EXACT = ("valid_tokens", "test_tokens", "vocab_size", "epochs")
 # from the metrics files: compared within the row family's TOLERANCE, or exactly
 APPROXIMATE = ("valid_ppl", "test_ppl", "valid_bpc", "test_bpc")
-METRICS = (*APPROXIMATE, *EXACT, "level", "vocab_digest", "train_tokens", "size", "size_unit")
+METRICS = (*APPROXIMATE, *EXACT, "level", "vocab_digest", "train_tokens", "size", "size_unit",
+           "precision")  # a baseline recorded in bf16 is not one for fp32
 SAMPLE_SETTINGS = ("seed", "temperature", "prompt", "length")
 DIFFERENCE = ("leaderboard_difference", "report_difference")  # "ours - published", rendered
 LEADERBOARD_COLUMNS = {"published test ppl (source)": "leaderboard_published",

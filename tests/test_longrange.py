@@ -85,3 +85,12 @@ def test_dependent_positions_and_the_floor_from_prepared_ids(tmp_path):
     # an untrained model is near uniform: about log V at the answers, far above the floor
     assert gru["loss_nats"] == pytest.approx([math.log(len(vocab))] * 3, rel=0.05)
     assert np.allclose(np.array(gru["loss_nats"]) - losses["floor_nats"], gru["excess_nats"])
+    assert gru["carried_gap"] is None  # an untrained model carries nothing
+
+
+def test_the_largest_carried_gap_is_the_largest_below_half_a_nat():
+    from pipeline.recall import carried_gap
+
+    assert carried_gap([5, 10, 20, 50], [0.1, 0.6, 0.45, 1.9]) == 20  # not only a prefix
+    assert carried_gap([5, 10], [0.5, 1.2]) is None  # "below": 0.5 is not carried
+    assert carried_gap([5, 10, 100], [0.0, 0.2, 0.3]) == 100

@@ -140,8 +140,8 @@ def metrics_row(row: dict, test_ppl: float) -> dict:
     return {"description": row["model"], "size": 1000, "size_unit": "parameters",
             "valid_ppl": test_ppl + 5, "test_bpc": None, "valid_tokens": 73_760,
             "test_tokens": 82_430, "vocab_digest": "abc", "train_seconds": 10.0,
-            "tokens_per_s": 100.0, "epochs": 0.62, "device": "cpu",
-            **row, "test_ppl": test_ppl}
+            "tokens_per_s": 100.0, "epochs": 0.62, "train_tokens": 577_000, "device": "cpu",
+            "precision": "training bf16 autocast, scoring fp32", **row, "test_ppl": test_ppl}
 
 
 @pytest.fixture
@@ -175,7 +175,19 @@ def test_markdown_shows_exactly_one_difference(table):
         "context: measured with another configuration (ours differs in epochs")
     assert "110.4 (2-layer LSTM 200" in rows["lstm2"]["published test ppl (source)"]
     assert rows["lstm"]["ours − published"] == rows["lstm"]["published test ppl (source)"] == ""
-    assert rows["lstm2"]["epochs"] == "0.62"  # epochs trained, a fraction when stopped early
+    # training tokens, then epochs (a fraction when stopped early); the training arithmetic
+    assert rows["lstm2"]["training budget: tokens (epochs)"] == "577,000 (0.62)"
+    assert rows["lstm2"]["device, training"] == "cpu, bf16 autocast"
+
+
+def test_each_corpus_says_which_family_leads_and_by_how_much(table):
+    page = render_markdown(table)
+    assert ("**lstm2 leads the best n-gram**: test 119.78 against kn5's 141.19 (-15.2%); "
+            "2 of 2 neural models score below kn5.") in page
+    behind = table.assign(test_ppl=table["model"].map({"kn5": 141.19, "lstm2": 150.0,
+                                                       "lstm": 160.0}))
+    assert ("**lstm2 trails the best n-gram**: test 150.00 against kn5's 141.19 (+6.2%); "
+            "0 of 2 neural models score below kn5.") in render_markdown(behind)
 
 
 def test_csv_round_trip_feeds_the_report(table):
