@@ -94,3 +94,17 @@ def test_the_largest_carried_gap_is_the_largest_below_half_a_nat():
     assert carried_gap([5, 10, 20, 50], [0.1, 0.6, 0.45, 1.9]) == 20  # not only a prefix
     assert carried_gap([5, 10], [0.5, 1.2]) is None  # "below": 0.5 is not carried
     assert carried_gap([5, 10, 100], [0.0, 0.2, 0.3]) == 100
+
+
+def test_the_report_table_names_each_model_s_largest_carried_gap():
+    from pipeline.report import dependencies_table
+
+    record = {"floor_nats": 1.089, "forget_nats": 1.906, "carried_below_nats": 0.5,
+              "split": "valid",
+              "models": {"gru": {"gaps": [5, 50], "excess_nats": [0.1, 0.2], "carried_gap": 50},
+                         "rnn": {"gaps": [5, 50], "excess_nats": [1.9, 1.9],
+                                 "carried_gap": None}}}
+    page = dependencies_table(record)
+    assert "<th>largest gap carried</th>" in page and "below 0.5 nats" in page
+    assert "<td>gru</td><td>0.100</td><td>0.200</td><td>50</td>" in page
+    assert "<td>rnn</td><td>1.900</td><td>1.900</td><td>none</td>" in page
