@@ -6,7 +6,10 @@ test_prepare.py, bad params in test_params.py, a NaN loss in test_training.py.""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import resource
 import socket
 import sqlite3
 from pathlib import Path
@@ -77,17 +80,32 @@ def small_train_params(**window_changes) -> TrainParams:
     return build(TrainParams, params, "train")
 
 
+@contextlib.contextmanager
+def address_space_limit(headroom: int):
+    """This process may map at most `headroom` bytes more (RLIMIT_AS, the soft limit only,
+    restored after): a larger allocation fails at once with ENOMEM, as on a machine out of
+    memory, whatever the kernel's overcommit policy (under overcommit 1 the kernel itself
+    would grant it, and touching it would bring in the OOM killer instead)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = int(re.search(r"^VmSize:\s+(\d+) kB$", Path("/proc/self/status").read_text(),
+                           re.M)[1]) * 1024
+    limit = mapped + headroom if hard == resource.RLIM_INFINITY else min(mapped + headroom, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def test_cpu_out_of_memory_suggests_a_smaller_batch(small_corpus, tmp_path):
-    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
-        pytest.skip("this kernel grants any allocation (overcommit 1); touching it would "
-                    "bring in the OOM killer instead of an allocation error")
     # the first allocation, the embedding table, is 6,000 x 2e9 floats (48 TB): refused at
     # once, before anything is filled
     params = small_train_params(embedding_size=2_000_000_000)
     with pytest.raises(OutOfMemory, match=r"cpu ran out of memory .* lower "
                                           r"train\.presets\.quick\.models\.window\.batch_size"):
-        train_and_score("custom", "window", small_corpus, tmp_path / "ckpt", tmp_path / "m.pt",
-                        tmp_path / "curve.json", params)
+        with address_space_limit(2 << 30):
+            train_and_score("custom", "window", small_corpus, tmp_path / "ckpt",
+                            tmp_path / "m.pt", tmp_path / "curve.json", params)
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "curve.json").exists()
 
 

@@ -1,6 +1,7 @@
-"""Interrupting `dvc repro` mid-epoch: SIGKILL (a crash, a killed job) and Ctrl-C. Either
-way the next `dvc repro` resumes from the last resume point and ends with exactly the
-numbers of the uninterrupted run (deterministic on the CPU with one thread)."""
+"""Interrupting `dvc repro` mid-epoch: SIGKILL (a crash, a killed job), Ctrl-C and SIGTERM
+(`timeout`, a batch scheduler, `docker stop`). Each way the next `dvc repro` resumes from
+the last resume point and ends with exactly the numbers of the uninterrupted run
+(deterministic on the CPU with one thread)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def mid_segment_progress(repo: Path) -> dict | None:
     return progress if progress is not None and progress["segment_tokens"] > 0 else None
 
 
+def wait_for_mid_segment_resume_point(repo: Path, job: subprocess.Popen) -> None:
+    """Until the stage has written a resume point between two validation points: it is
+    then inside its training loop (its signal handlers installed), mid-epoch."""
+    deadline = time.monotonic() + 180
+    while mid_segment_progress(repo) is None:
+        assert job.poll() is None, f"finished before a resume point:\n{job.stdout.read()}"
+        assert time.monotonic() < deadline, "no mid-epoch resume point within 180 s"
+        time.sleep(0.05)  # polling a file: no event tells when it is written
+
+
 def finish(repo: Path, env: dict) -> str:
     done = subprocess.run([str(BIN / "dvc"), "repro", "-s", STAGE], cwd=repo, env=env,
                           capture_output=True, text=True)
@@ -78,11 +89,7 @@ def assert_same_as_uninterrupted(repo: Path, pipeline_run) -> None:
 def test_sigkill_mid_epoch_then_repro_resumes_to_the_same_metrics(pipeline_run, tmp_path):
     repo, env = fresh_stage(pipeline_run, tmp_path / "repo", checkpoint_every_s=0.2)
     job = start_repro(repo, env)
-    deadline = time.monotonic() + 180
-    while mid_segment_progress(repo) is None:
-        assert job.poll() is None, f"finished before a resume point:\n{job.stdout.read()}"
-        assert time.monotonic() < deadline, "no mid-epoch resume point within 180 s"
-        time.sleep(0.05)
+    wait_for_mid_segment_resume_point(repo, job)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     job.stdout.close()
@@ -109,6 +116,24 @@ def test_ctrl_c_writes_a_resume_point_and_repro_continues_from_it(pipeline_run, 
     progress = resume_progress(repo)
     assert progress is not None, output[-3000:]
     assert f"interrupted (SIGINT: stopped at step {progress['step']}" in output
+    log = finish(repo, env)
+    assert f"resuming from {CHECKPOINTS / 'last.pt'} (step {progress['step']} of" in log
+    assert_same_as_uninterrupted(repo, pipeline_run)
+
+
+def test_sigterm_writes_a_resume_point_and_repro_continues_from_it(pipeline_run, tmp_path):
+    repo, env = fresh_stage(pipeline_run, tmp_path / "repo", checkpoint_every_s=0.2)
+    job = start_repro(repo, env)
+    wait_for_mid_segment_resume_point(repo, job)
+    os.killpg(job.pid, signal.SIGTERM)  # `timeout`'s signal, to dvc and the stage together
+    output = job.stdout.read()  # to its end: the stage's exit, whether dvc outlives it or not
+    job.stdout.close()
+    assert job.wait() != 0
+    # the stage honoured it between two steps (or after a validation point under way) and
+    # wrote its resume point there, then stopped
+    progress = resume_progress(repo)
+    assert progress is not None, output[-3000:]
+    assert f"interrupted (SIGTERM: stopped at step {progress['step']}" in output, output[-3000:]
     log = finish(repo, env)
     assert f"resuming from {CHECKPOINTS / 'last.pt'} (step {progress['step']} of" in log
     assert_same_as_uninterrupted(repo, pipeline_run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.dataset import PreparedCorpus
-from pipeline.ngram import NgramError, NgramParams, build_ngram
+from pipeline.ngram import NgramError, NgramParams, build_ngram, score_split
 from pipeline.prepare import prepare_corpus
 from tests.conftest import write_custom_splits
 from tests.test_prepare import PrepareParamsWord
@@ -37,6 +37,26 @@ def test_too_small_for_discounts_names_the_param(tmp_path):
     with pytest.raises(NgramError, match=r"Add 'custom' to params `ngram.discount_fallback`"):
         build_ngram("custom", 2, data, tmp_path / "kn2.bin", PARAMS)
     assert not (tmp_path / "kn2.bin").exists()
+
+
+def test_tokens_the_model_never_saw_are_refused(tmp_path):
+    """The stage asserts zero OOVs on valid and test: a split holding words that the
+    model's training text did not (data prepared with another vocabulary) fails, naming
+    the split and the words, instead of KenLM scoring them as its <unk>."""
+    import kenlm
+
+    params = NgramParams(orders=(2,), discount_fallback=("custom",), memory="100M")
+    build_ngram("custom", 2, tiny_corpus(tmp_path / "a"), tmp_path / "kn2.bin", params)
+    model = kenlm.Model(str(tmp_path / "kn2.bin"))  # its words: t2 (a), t3 (b)
+    # another corpus: the same first words (ids 2, 3), then c and d (ids 4, 5)
+    raw = write_custom_splits(tmp_path / "b" / "raw", "a b\nb a\na b\nc d\n", "b a\n", "c d\n")
+    prepare_corpus("custom", raw, tmp_path / "b" / "prepared", PrepareParamsWord)
+    other = PreparedCorpus(tmp_path / "b" / "prepared")
+    assert score_split(model, other, "valid").tokens == 3  # b a <eos>: all known
+    with pytest.raises(NgramError, match=r"^KenLM reports out-of-vocabulary tokens in test: "
+                                         r"\['t4', 't5'\] \(the prepared data and the n-gram "
+                                         r"model disagree"):
+        score_split(model, other, "test")
 
 
 def test_discount_fallback_is_recorded(tmp_path):

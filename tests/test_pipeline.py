@@ -7,12 +7,16 @@ something (a new n-gram order, the small preset) do it in a clone with a store o
 from __future__ import annotations
 
 import json
+import math
 import re
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from pipeline.dataset import PreparedCorpus
 from tests import regression, ui_check
 from tests.conftest import REPO
 from tests.regression import BIN, ran_stages, run
@@ -28,8 +32,6 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 # records: they rerun whenever one of its models changes
 READERS = {stage: run for stage, run in (("sample", "samples"), ("analyse", "analysis"))
            if stage in STAGES}
-
-
 
 
 def each_corpus(*stages: str) -> set[str]:
@@ -80,9 +82,34 @@ def test_repro_builds_the_leaderboard(workspace):
     assert metrics["train_tokens"] == tokens[-1] and metrics["epochs"] == 2
     samples = (repo / "reports" / "samples" / "custom.md").read_text()
     assert all(f"## {m}" in samples for m in [*NGRAMS, *NEURAL])
-    assert (table["test_ppl"] > 1).all() and (table["test_ppl"] < 10_000).all()
     assert "## custom" in (repo / "reports" / "leaderboard.md").read_text()
     assert not list(repo.rglob(".tmp-*"))
+
+
+def test_every_model_learned_more_than_chance(workspace):
+    """The n-grams read context, so each scores below the context-free model of the same
+    training split, its token frequencies (the unigram). The neural models of this
+    configuration (32 units, 2 epochs of 44k tokens) learn about those frequencies
+    and little more, so each must be nearer them than uniform guessing over the
+    vocabulary: below the geometric mean of the two perplexities, halfway in nats. A
+    model that learned nothing scores about the vocabulary size."""
+    repo, _, _ = workspace
+    table = pd.read_csv(repo / "reports" / "leaderboard.csv")
+    table = table[table["corpus"] == "custom"].set_index("model")["test_ppl"]
+    folder = repo / "data" / "prepared" / "custom"
+    unigram, uniform = unigram_ppl(folder), PreparedCorpus(folder).meta["vocab_size"]
+    assert (table[list(NGRAMS)] < unigram).all(), (unigram, table)
+    assert (table[list(NEURAL)] < math.sqrt(unigram * uniform)).all(), (unigram, table)
+    assert (table > 1).all()
+
+
+def unigram_ppl(folder: Path, split: str = "test") -> float:
+    """`split`'s perplexity under the train split's token frequencies, <eos> included,
+    add-one smoothed (a word never seen in train, such as <unk> here, still scores)."""
+    data = PreparedCorpus(folder)
+    counts = np.bincount(data.ids("train"), minlength=data.meta["vocab_size"]) + 1.0
+    ids = np.asarray(data.ids(split), dtype=np.int64)
+    return math.exp(-np.log(counts[ids] / counts.sum()).mean())
 
 
 def test_synthetic_corpus_shows_its_floor(workspace):
@@ -91,7 +118,10 @@ def test_synthetic_corpus_shows_its_floor(workspace):
     synthetic = table[table["corpus"] == "synthetic"]
     source = json.loads((repo / "data" / "raw" / "synthetic" / "source.json").read_text())
     assert synthetic["floor_ppl"].unique().tolist() == [pytest.approx(source["floor_ppl"])]
-    assert (synthetic["test_ppl"] > source["floor_ppl"]).all()  # nothing beats the source
+    # the floor is the source's expected loss: a finite test sample may score below it by
+    # the luck of the draw (the full run's kn3: 2.9235 against 2.9286). On the very test
+    # sentences, though, nothing trained on the train split beats the source itself
+    assert (synthetic["source_test_ppl"] < synthetic["test_ppl"]).all(), synthetic
     assert synthetic.iloc[0]["model"] == "kn3"  # the source's own order comes closest
     markdown = (repo / "reports" / "leaderboard.md").read_text()
     assert f"Best achievable perplexity: {source['floor_ppl']:.3f}" in markdown
@@ -173,13 +203,33 @@ def test_report_page_and_plots(workspace):
         folder = repo / "reports" / "analysis" / corpus
         flows = json.loads((folder / "gradients.json").read_text())["models"]
         assert list(flows) == recurrent
-        for phase in ("init", "trained"):
-            assert all(0 < flows[m][phase]["decay_factor"] < 2 for m in recurrent)
+        for model in recurrent:
+            assert_gradient_flow(flows[model])
         uses = json.loads((folder / "context.json").read_text())["models"]
         assert list(uses) == list(NEURAL)
         assert all(len(u["ppl"]) == len(u["lengths"]) for u in uses.values())
         assert f"What the models carry: {corpus}</h3>" in page
     assert page.count('alt="gradient flow"') == page.count('alt="context use"') == len(CORPORA)
+
+
+def assert_gradient_flow(phases: dict) -> None:
+    """One recurrent model's gradients.json entry: curves over the configured distance and
+    windows, each summarised by its own log-linear fit (the per-step decay), and vanishing
+    at initialisation. There the recurrent weights are uniform within ±init_range (0.1) at
+    32 units: the spectral radius of an Elman RNN's matrix is about 0.1 x sqrt(32 / 3) =
+    0.33, and a gated cell's state passes its forget gate, sigmoid(about 0) = 0.5; both
+    well below 1. Trained, a cell may learn to keep its gradient (the README's PTB run)."""
+    gradients = CONFIG["analyse"]["gradients"]
+    for phase in ("init", "trained"):
+        flow = phases[phase]
+        assert flow["distances"] == list(range(gradients["distance"] + 1))
+        assert flow["windows"] == gradients["windows"]
+        norms = np.asarray(flow["mean_norm"])
+        assert np.isfinite(norms).all() and (norms > 0).all()
+        slope = np.polyfit(flow["distances"], np.log(norms), deg=1)[0]
+        assert flow["decay_factor"] == pytest.approx(math.exp(slope), rel=1e-9)
+    assert phases["init"]["decay_factor"] < 1
+    assert phases["init"]["mean_norm"][-1] < phases["init"]["mean_norm"][0]
 
 
 def test_learning_curve_plot_has_one_line_per_model(workspace):

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import resume
 from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.imports import PACKAGE
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.precision import bf16_products
-from pipeline.resume import RESCORED, ResumePoint, training_code
+from pipeline.resume import LOOP, RESCORED, ResumePoint, training_code
 from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
 from pipeline.training import TrainingDiverged, TrainingInterrupted, train_model
 
@@ -146,6 +147,37 @@ def test_resume_point_is_ignored_when_data_or_config_changed(tmp_path, capsys):
     # another vocabulary with the same ids (its digest travels in `extra`)
     train(net("rnn"), train_cfg(epochs=1, lr=0.02), tmp_path, extra={"vocab_digest": "b"})
     assert another in capsys.readouterr().out
+
+
+def copied_training_code(folder, edit: str = "") -> list:
+    """The training code's files copied into `folder`, the loop's with `edit` appended."""
+    folder.mkdir()
+    copies, code = [], training_code()
+    assert LOOP in code
+    for path in code:
+        copy = folder / path.name
+        copy.write_bytes(path.read_bytes() + (edit.encode() if path == LOOP else b""))
+        copies.append(copy)
+    return copies
+
+
+def test_resume_point_is_ignored_after_a_code_change(tmp_path, capsys, monkeypatch):
+    torch.set_num_threads(1)
+    folder = tmp_path / "ckpt"
+    another = f"{folder / 'last.pt'} belongs to another configuration, data or code"
+    train(net("rnn"), train_cfg(epochs=1), folder)
+    # the same source read from elsewhere: the fingerprint hashes contents, so it resumes
+    same = copied_training_code(tmp_path / "same")
+    monkeypatch.setattr(resume, "training_code", lambda: same)
+    capsys.readouterr()
+    train(net("rnn"), train_cfg(epochs=1), folder)
+    assert "resuming from" in capsys.readouterr().out
+    # one comment added to the loop: a fresh start, never a continuation by other code
+    edited = copied_training_code(tmp_path / "edited", "# an edit\n")
+    monkeypatch.setattr(resume, "training_code", lambda: edited)
+    train(net("rnn"), train_cfg(epochs=1), folder)
+    out = capsys.readouterr().out
+    assert another in out and "resuming from" not in out
 
 
 def test_the_fingerprint_covers_every_module_the_training_loads():
