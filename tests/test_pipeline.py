@@ -34,6 +34,15 @@ READERS = {stage: run for stage, run in (("sample", "samples"), ("analyse", "ana
            if stage in STAGES}
 
 
+def points_per_epoch(repo: Path, corpus: str, model: str) -> int:
+    """The validation points an epoch that `model` is configured with on `corpus`."""
+    from pipeline.params import load_section
+    from pipeline.presets import TrainParams
+
+    params = load_section("train", TrainParams, repo / "params.yaml")
+    return params.spec(corpus, model).training.evals_per_epoch
+
+
 def each_corpus(*stages: str) -> set[str]:
     """'ngram@{}-2' -> {'ngram@synthetic-2', 'ngram@custom-2'}"""
     return {stage.format(corpus) for stage in stages for corpus in CORPORA}
@@ -74,8 +83,9 @@ def test_repro_builds_the_leaderboard(workspace):
     neural_rows = table[table["model"].isin(NEURAL)]
     assert (neural_rows["epochs"] == 2).all() and (neural_rows["device"] == "cpu").all()
     curve = json.loads((repo / "reports" / "curves" / "custom" / "lstm2.json").read_text())
-    # four validation points an epoch (quick preset), by training tokens seen
-    assert [r["epoch"] for r in curve][3::4] == [1.0, 2.0] and len(curve) == 8
+    # the configured validation points an epoch, by training tokens seen
+    per = points_per_epoch(repo, "custom", "lstm2")
+    assert [r["epoch"] for r in curve][per - 1::per] == [1.0, 2.0] and len(curve) == 2 * per
     tokens = [r["tokens"] for r in curve]
     assert tokens == sorted(set(tokens))
     metrics = json.loads((repo / "reports" / "metrics" / "custom" / "lstm2.json").read_text())
@@ -260,7 +270,8 @@ def test_mlflow_server_serves_every_run_and_curve(workspace):
             run_id = by_name[f"custom/{model}"]["info"]["run_id"]
             history = ui_check.rest(
                 url, f"metrics/get-history?run_id={run_id}&metric_key=curve_valid_ppl")
-            assert len(history["metrics"]) == 8  # 4 validation points an epoch, 2 epochs
+            # every validation point of the 2 epochs
+            assert len(history["metrics"]) == 2 * points_per_epoch(repo, "custom", model)
         summary = ui_check.rest(url, "experiments/get-by-name?experiment_name=summary")
         runs = ui_check.rest(url, "runs/search", {
             "experiment_ids": [summary["experiment"]["experiment_id"]]})["runs"]
