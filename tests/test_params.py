@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,7 @@ def test_a_stage_for_a_corpus_the_params_do_not_list_names_the_list(tmp_path):
     from pipeline.lineup import models_of
 
     assert models_of("ptb", REPO / "params.yaml")[0] == "kn2"
+    listed = ", ".join(yaml.safe_load((REPO / "params.yaml").read_text())["corpora"])
     with pytest.raises(ParamsError, match=r"corpora: 'wikitext2' is not listed in .* \(listed: "
-                                          r"ptb, brown"):
+                                          + re.escape(listed) + r"\)$"):
         models_of("wikitext2", REPO / "params.yaml")
