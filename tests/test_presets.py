@@ -38,8 +38,9 @@ def test_layers_apply_in_order_and_name_their_source():
     assert resolved["lr"] == (0.002, "train.presets.quick.models.window")
     assert resolved["epochs"] == (9, "train.presets.quick.corpora.ptb")  # corpus wins
     assert resolved["bptt"] == (35, "train.presets.quick.defaults")
-    defaults = RAW["presets"]["quick"]["defaults"]
-    assert params.spec("brown", "window").training.epochs == defaults["epochs"]  # untouched
+    # another corpus is untouched: brown resolves as it does without the ptb entry
+    assert params.resolve("brown", "window") == train_params().resolve("brown", "window")
+    assert params.resolve("brown", "window")["epochs"][1] != "train.presets.quick.corpora.ptb"
 
 
 def test_show_prints_every_resolved_setting_with_its_source():
