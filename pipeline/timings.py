@@ -7,7 +7,8 @@ runs from its line to the next stage's line (or the end of the command), so DVC'
 bookkeeping between two stages is counted with the first; a stage DVC skips costs only
 the moment it takes to check. `--since` is when `make run` started: everything before
 `dvc repro` (the virtual environment, KenLM's build) is the set-up group. At the end a
-table of the groups is printed and, when `dvc repro` succeeded, written to --out:
+table of the groups is printed and, when `dvc repro` succeeded and ran a stage, written
+to --out (a run with nothing to do keeps the file of the last one that worked):
 seconds per group and per stage (wall clock of this machine: these numbers, unlike the
 metrics, depend on its load).
 """
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     status, stages = run_timed(args.command)
     groups = grouped(stages, setup_s)
     print(f"\nwall time per stage group (this run):\n{table(groups)}", flush=True)
-    if status == 0:
+    if status == 0 and not stages:
+        print(f"no stage ran: {args.out} keeps the last run's times")
+    elif status == 0:
         write_json(args.out, {"command": " ".join(args.command), "groups_s": groups,
                               "total_s": round(sum(groups.values()), 1),
                               "stages_s": {k: round(v, 1) for k, v in stages.items()}})

@@ -53,3 +53,14 @@ def test_a_failed_run_keeps_its_status_and_writes_nothing(tmp_path):
         timings.main(["--out", str(out), "--", sys.executable, "-c", code])
     assert exited.value.code == 3
     assert not out.exists()
+
+
+def test_a_run_with_nothing_to_do_keeps_the_last_times(tmp_path, capsys):
+    out = tmp_path / "timings.json"
+    out.write_text('{"total_s": 2323.5}')
+    code = "print('Data and pipelines are up to date.')"
+    with pytest.raises(SystemExit) as exited:
+        timings.main(["--out", str(out), "--", sys.executable, "-c", code])
+    assert exited.value.code == 0
+    assert json.loads(out.read_text()) == {"total_s": 2323.5}
+    assert "no stage ran" in capsys.readouterr().out
