@@ -25,7 +25,6 @@ from pipeline.errors import UserError
 
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
-CPU_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")  # train.cpu_precision
 LABELS = {"fp32": "fp32", "tf32": "tf32 matrix products", "bf16": "bf16 autocast"}
 TOLERANCE = 0.01  # a cheaper precision may cost at most 1% of fp32's valid perplexity
 

@@ -29,7 +29,7 @@ from pipeline.corpora import CORPUS_NAMES
 from pipeline.errors import run_stage
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import PARAMS_FILE, ParamsError, build, load_section, require
-from pipeline.precision import CPU_PRECISIONS, PRECISIONS
+from pipeline.precision import PRECISIONS
 from pipeline.schedule import TrainConfig
 
 # NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
@@ -62,7 +62,7 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda", "mps"]
     cuda_precision: dict  # model -> fp32 | tf32 | bf16: its training steps on CUDA
     cuda_graphs: bool  # replay each training step as a CUDA graph (pipeline/graphed.py)
-    cpu_precision: str  # auto | fp32 | bf16: training steps on a CPU (pipeline/precision.py)
+    cpu_precision: Literal["auto", "fp32", "bf16"]  # training steps on a CPU (precision.py)
     eval_chunk: int  # tokens per forward pass when scoring (does not change the result)
     checkpoint_every_s: float  # seconds between mid-epoch resume points; 0 = eval points only
     nproc: int  # data-parallel ranks on this machine (torchrun); 1 = one plain process
@@ -83,8 +83,6 @@ class TrainParams:
                 and sorted(self.cuda_precision) == sorted(KINDS), f"{key}.cuda_precision",
                 f"expected a mapping with an entry for each of {', '.join(KINDS)}, got "
                 f"{self.cuda_precision!r}")
-        require(self.cpu_precision in CPU_PRECISIONS, f"{key}.cpu_precision",
-                f"unknown value {self.cpu_precision!r}; known: {', '.join(CPU_PRECISIONS)}")
         for model, precision in self.cuda_precision.items():
             require(precision in PRECISIONS, f"{key}.cuda_precision.{model}",
                     f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
