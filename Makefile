@@ -17,7 +17,8 @@ DEBIAN_PACKAGES := cmake g++ make libboost-program-options-dev libboost-system-d
 	libboost-thread-dev libboost-test-dev zlib1g-dev libbz2-dev liblzma-dev
 
 .PHONY: setup system-deps browser-deps kenlm run test regression regression-baseline lint ui \
-	screenshots reproduce-small reproduce-medium reproduce-wlm clean exp team-server-deps team-server-test push pull
+	screenshots reproduce-small reproduce-medium reproduce-wlm clean \
+	converged-window converged-rnn converged-gru converged-lstm exp team-server-deps team-server-test push pull
 
 setup: $(VENV)/.installed kenlm
 
@@ -94,16 +95,27 @@ regression-baseline: setup
 REPRO_small := zaremba-small
 REPRO_medium := zaremba-medium
 REPRO_wlm := wlm-tied-6ep
-reproduce-small reproduce-medium reproduce-wlm: reproduce-%: setup
+# One committed run: $(call reproduce,<preset>,<model>,<run name>)
+define reproduce
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset $* \
-	  --corpus ptb --model lstm2 --data data/prepared/ptb \
-	  --checkpoints models/reproductions/$(REPRO_$*).ckpt \
-	  --out models/reproductions/$(REPRO_$*).pt \
-	  --metrics reports/reproductions/$(REPRO_$*)/metrics.json \
-	  --curve reports/reproductions/$(REPRO_$*)/curve.json
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset $(1) \
+	  --corpus ptb --model $(2) --data data/prepared/ptb \
+	  --checkpoints models/reproductions/$(3).ckpt \
+	  --out models/reproductions/$(3).pt \
+	  --metrics reports/reproductions/$(3)/metrics.json \
+	  --curve reports/reproductions/$(3)/curve.json
 	$(BIN)/python -m pipeline.leaderboard --reproductions reports/reproductions \
 	  --out-md reports/reproductions/leaderboard.md
+endef
+reproduce-small reproduce-medium reproduce-wlm: reproduce-%: setup
+	$(call reproduce,$*,lstm2,$(REPRO_$*))
+
+# The converged runs (README, "Converged runs"): each one-layer model on PTB under the
+# `converged` preset until validation stops improving, committed as
+# reports/reproductions/ptb-<model>-converged/; tens of minutes each on a 2-core CPU.
+# Interrupted, the same command resumes exactly from the last resume point.
+converged-window converged-rnn converged-gru converged-lstm: converged-%: setup
+	$(call reproduce,converged,$*,ptb-$*-converged)
 
 lint: setup
 	$(BIN)/ruff check pipeline tests
