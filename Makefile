@@ -153,7 +153,7 @@ pull: setup
 
 # MLflow UI on the local store, loopback only.
 ui: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.tracking --port $${PORT:-5000}
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.tracking_admin --port $${PORT:-5000}
 
 # Screenshots of the MLflow runs table and reports/leaderboard.html, from this checkout's store.
 screenshots: setup browser-deps

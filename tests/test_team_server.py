@@ -8,7 +8,7 @@ temporary folder, as the `postgres` user when run as root, on 127.0.0.1 and a fr
 password authentication, the password in a password file: PGPASSFILE) and `mlflow server`
 on it with the committed deploy/mlflow-auth.ini (its user store moved into the temporary
 folder), the admin password and the CSRF key in its environment. It sets the server up as
-the README does (`python -m pipeline.tracking experiments` and `user`: a writer and a
+the README does (`python -m pipeline.tracking_admin experiments` and `user`: a writer and a
 reader), and checks that the door is shut: nothing on any command line in `ps` holds a
 password; an anonymous request and a wrong password get 401; the reader can neither
 create nor delete a run (403), nor can the writer delete one. Then it runs the tiny
@@ -217,7 +217,7 @@ def test_sqlite_measures_leave_a_server_alone(tmp_path, monkeypatch, capsys):
     """The lock file and the artifact location beside the store are for SQLite only, `make
     ui` points at a server's own UI instead of serving a second one, and the team server's
     admin commands refuse a store that is not a server, in one line."""
-    from pipeline import tracking
+    from pipeline import tracking, tracking_admin
 
     url = "http://127.0.0.1:5000"
     monkeypatch.chdir(tmp_path)
@@ -227,14 +227,14 @@ def test_sqlite_measures_leave_a_server_alone(tmp_path, monkeypatch, capsys):
         pass
     assert list(tmp_path.iterdir()) == []  # no lock file, no store
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for command in (lambda: tracking.set_user("alice", True),
-                    lambda: tracking.create_experiments(["ptb"])):
+    for command in (lambda: tracking_admin.set_user("alice", True),
+                    lambda: tracking_admin.create_experiments(["ptb"])):
         with pytest.raises(tracking.TrackingError, match="set MLFLOW_TRACKING_URI") as refused:
             command()
         assert "\n" not in str(refused.value) and "sqlite:///" in str(refused.value)
     assert list(tmp_path.iterdir()) == []  # the SQLite store was not touched
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    tracking.main([])  # returns: no `mlflow ui` exec'd
+    tracking_admin.main([])  # returns: no `mlflow ui` exec'd
     assert f"open {url}" in capsys.readouterr().out
 
 
@@ -247,22 +247,22 @@ def command_lines() -> str:
 def set_up(url: str, passwords: dict[str, str], corpus: str, monkeypatch) -> None:
     """The README's set-up, as the admin: the team's experiments, then a writer (through
     the command line, its password on stdin) and a reader."""
-    from pipeline import tracking
+    from pipeline import tracking, tracking_admin
 
     for name, value in (("URI", url), ("USERNAME", "admin"), ("PASSWORD", passwords["admin"])):
         monkeypatch.setenv(f"MLFLOW_TRACKING_{name}", value)
-    assert tracking.create_experiments([corpus, tracking.SUMMARY_EXPERIMENT]) == [
+    assert tracking_admin.create_experiments([corpus, tracking.SUMMARY_EXPERIMENT]) == [
         f"experiment {corpus}: created", "experiment summary: created"]
-    done = subprocess.run([sys.executable, "-m", "pipeline.tracking", "user", "writer",
+    done = subprocess.run([sys.executable, "-m", "pipeline.tracking_admin", "user", "writer",
                            "--writer"], input=passwords["writer"] + "\n", capture_output=True,
                           text=True, cwd=regression.REPO, env=dict(os.environ), timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "user writer: created, writer (EDIT)"
     monkeypatch.setattr(sys, "stdin", io.StringIO(passwords["reader"] + "\n"))
-    assert tracking.set_user("reader", None) == "user reader: created, reader"
+    assert tracking_admin.set_user("reader", None) == "user reader: created, reader"
     monkeypatch.setattr(sys, "stdin", io.StringIO("too short\n"))  # the server's policy
     with pytest.raises(tracking.TrackingError, match="at least 12 characters"):
-        tracking.set_user("shorty", None)
+        tracking_admin.set_user("shorty", None)
     # an address the server does not answer to (--allowed-hosts): said so, not retried
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("127.0.0.1", "localhost"))
     with pytest.raises(tracking.TrackingError, match="one of the server's --allowed-hosts"):
