@@ -43,7 +43,7 @@ from pipeline.params import ParamsError, load_section
 from pipeline.perplexity import SplitScore, score_stream, scoring_setup
 from pipeline.precision import LABELS, training_precision
 from pipeline.presets import TrainParams
-from pipeline.training import TrainingInterrupted, train_model
+from pipeline.training import Runtime, Splits, TrainingInterrupted, train_model
 
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",
@@ -212,13 +212,13 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         print(f"{corpus} {model}: training on {device}{ranks} ({params.preset} preset)",
               flush=True)
     with out_of_memory_advice(corpus, model, device, params):
-        result = train_model(network=spec.for_vocabulary(len(vocab)), training=spec.training,
-                             train_ids=data.ids("train"), valid_ids=data.ids("valid"),
-                             eos_id=vocab.eos_id, checkpoint_dir=checkpoints, device=device,
-                             on_eval=on_eval, precision=precision, graphs=graphs,
-                             extra=extra,
-                             eval_chunk=params.eval_chunk,
-                             checkpoint_every_s=params.checkpoint_every_s, world=world)
+        result = train_model(
+            dataclasses.replace(spec, network=spec.for_vocabulary(len(vocab))),
+            Splits(train=data.ids("train"), valid=data.ids("valid"), eos_id=vocab.eos_id),
+            Runtime(checkpoint_dir=checkpoints, device=device, precision=precision,
+                    graphs=graphs, eval_chunk=params.eval_chunk,
+                    checkpoint_every_s=params.checkpoint_every_s, extra=extra,
+                    on_eval=on_eval, world=world))
     if not world.is_main:
         return None
     history = result["history"]

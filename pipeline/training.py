@@ -4,7 +4,7 @@ The run is planned up front (pipeline/schedule.py: `Plan`, the lr schedule), rea
 the training split as columns, one optimizer step at a time (pipeline/steps.py), and
 keeps a resume point (pipeline/resume.py; the files: pipeline/checkpoints.py):
 
-    train_model
+    train_model(spec, splits, runtime)
       Plan            steps, validation points
       ResumePoint     last.pt: load at the start, save at validation points,
                       every `checkpoint_every_s` and on Ctrl-C / SIGTERM
@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from pipeline.errors import UserError
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
 from pipeline.precision import products
+from pipeline.presets import ModelSpec
 from pipeline.resume import Progress, ResumePoint, fingerprint
 from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
 from pipeline.steps import (
@@ -93,6 +94,33 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
+@dataclass(frozen=True)
+class Splits:
+    """The token streams one run reads, as ids of the corpus's one vocabulary."""
+
+    train: np.ndarray  # (tokens,) the training split, read as B columns
+    valid: np.ndarray  # (tokens,) scored whole, in order, at every validation point
+    eos_id: int  # <eos>: predicted and counted like any token
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run executes, apart from what it trains (ModelSpec) and on what
+    (Splits). `precision` is the training steps' arithmetic (pipeline/precision.py;
+    validation is fp32) and `graphs` replays each step as a CUDA graph
+    (pipeline/graphed.py; CUDA, one process); the rest changes no number."""
+
+    checkpoint_dir: Path  # last.pt (the resume point) and best.pt
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+    graphs: bool = False
+    eval_chunk: int = 512  # tokens per scoring pass
+    checkpoint_every_s: float = 0  # seconds between resume points; 0: validation points only
+    extra: dict = field(default_factory=dict)  # plain data in the fingerprint and checkpoints
+    on_eval: Callable[[list[dict]], None] | None = None  # the curve after each new point
+    world: World = SINGLE  # the ranks that train together (pipeline/distributed.py)
+
+
 @dataclass
 class _Run:
     """What train_segment and validate share: the objects of one training run."""
@@ -102,45 +130,60 @@ class _Run:
     cfg: TrainConfig
     plan: Plan
     columns: Columns | ResidentColumns  # this rank's columns (all B in one process)
-    device: str
-    precision: str  # fp32 | tf32 | bf16 (pipeline/precision.py)
     step: Callable[..., Step]  # (x, y, state) -> Step: train_step, or its CUDA graph
     resume: ResumePoint
     stop: _StopOnSignal
     bar: tqdm
-    world: World = SINGLE
+    runtime: Runtime
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device
+
+    @property
+    def world(self) -> World:
+        return self.runtime.world
 
 
-def train_segment(run: _Run, progress: Progress, until: int,
-                  checkpoint_every_s: float) -> None:
-    """Train from progress.step up to global step `until` (a validation point)."""
-    cfg, plan = run.cfg, run.plan
-    pending: list[torch.Tensor] = []  # per-step losses still on the device (no host sync)
-    pending_norms: list[torch.Tensor] = []  # per-step gradient norms, likewise
-    tick = last_save = time.perf_counter()
+class _Ledger:
+    """A segment's bookkeeping between host syncs: the per-step losses and gradient norms
+    still on the device, and the clocks of training time and of the last resume point."""
 
-    def book_time() -> None:
-        nonlocal tick
+    def __init__(self, run: _Run, progress: Progress) -> None:
+        self.run, self.progress = run, progress
+        self.pending: list[torch.Tensor] = []  # per-step losses, nats (no host sync yet)
+        self.pending_norms: list[torch.Tensor] = []  # per-step gradient norms, likewise
+        self.tick = self.last_save = time.perf_counter()  # seconds
+
+    def settle(self) -> None:
+        """Move the pending losses and norms to the host, check the loss, book the time."""
+        self._check_loss()
         now = time.perf_counter()
-        progress.seconds += now - tick
-        progress.segment_seconds += now - tick
-        tick = now
+        self.progress.seconds += now - self.tick
+        self.progress.segment_seconds += now - self.tick
+        self.tick = now
 
-    def check_loss() -> None:
+    def _check_loss(self) -> None:
         # per-step sums kept as host floats and added with fsum: the segment's loss is
         # the same however a resume point split it; summed over ranks here, not per step
-        if pending:
-            sums = run.world.sum(torch.stack(pending).double())  # (steps,) nats, all ranks
+        progress, plan = self.progress, self.run.plan
+        if self.pending:
+            sums = self.run.world.sum(torch.stack(self.pending).double())  # (steps,) nats
             progress.segment_losses += sums.tolist()
-            progress.segment_grad_norms += torch.stack(pending_norms).double().tolist()
-            pending.clear()
-            pending_norms.clear()
+            progress.segment_grad_norms += torch.stack(self.pending_norms).double().tolist()
+            self.pending.clear()
+            self.pending_norms.clear()
         if not math.isfinite(math.fsum(progress.segment_losses)):
             raise TrainingDiverged(
                 f"loss became {math.fsum(progress.segment_losses)} by step {progress.step} "
                 f"(epoch {progress.step / plan.steps_per_epoch:.2f}): lower the learning rate "
-                f"(lr={cfg.lr}) or enable gradient clipping")
+                f"(lr={self.run.cfg.lr}) or enable gradient clipping")
 
+
+def train_segment(run: _Run, progress: Progress, until: int) -> None:
+    """Train from progress.step up to global step `until` (a validation point)."""
+    cfg, plan = run.cfg, run.plan
+    ledger = _Ledger(run, progress)
     while progress.step < until:
         if progress.step % plan.steps_per_epoch == 0:
             progress.state = None  # a new epoch starts each column afresh
@@ -149,37 +192,43 @@ def train_segment(run: _Run, progress: Progress, until: int,
         cols = plan.chunk(progress.step, cfg.bptt)
         xb, yb = (t.to(run.device) for t in run.columns.chunk(cols))  # (B/N, T) each
         loss, grad_norm, progress.state = run.step(xb, yb, progress.state)
-        pending.append(loss * yb.numel())  # nats summed over this rank's chunk tokens
-        pending_norms.append(grad_norm)  # global already: clipped after the all-reduce
+        ledger.pending.append(loss * yb.numel())  # nats summed over this rank's chunk tokens
+        ledger.pending_norms.append(grad_norm)  # global already: clipped after the all-reduce
         progress.step += 1
         progress.tokens += yb.numel() * run.world.size  # every rank reads as many
         progress.segment_tokens += yb.numel() * run.world.size
         run.bar.update(1)
         checking = progress.step % CHECK_EVERY == 0
         if checking:
-            check_loss()
-            book_time()
+            ledger.settle()
             mean = math.fsum(progress.segment_losses) / progress.segment_tokens
             run.bar.set_postfix(loss=f"{mean:.3f}",
                                 tok_s=f"{progress.segment_tokens / progress.segment_seconds:.0f}",
                                 lr=f"{lr:.3g}")
-        due = checkpoint_every_s and time.perf_counter() - last_save >= checkpoint_every_s
-        stop, save = run.stop.requested, bool(run.stop.requested or due)
-        if run.world.distributed:  # ranks agree at check steps only (no per-step sync)
-            stop, save = _agreed(run.world, stop, save) if checking else (None, False)
-        if progress.step < until and save:
-            check_loss()
-            book_time()
-            run.resume.save(run.model, run.opt, progress)
-            last_save = time.perf_counter()
-            if not run.world.distributed:
-                stop = run.stop.requested  # a signal during the save counts too
-            if stop:
-                raise TrainingInterrupted(
-                    stop, f"stopped at step {progress.step} of "
-                    f"{plan.total_steps}; the resume point is {run.resume.path}")
-    check_loss()
-    book_time()
+        _save_if_due(run, progress, ledger, until=until, checking=checking)
+    ledger.settle()
+
+
+def _save_if_due(run: _Run, progress: Progress, ledger: _Ledger, *, until: int,
+                 checking: bool) -> None:
+    """Write a resume point when one is due (every checkpoint_every_s) or a signal asked
+    for one, then raise TrainingInterrupted if a signal did. Under several ranks only at
+    check steps, as the ranks agree (no per-step sync)."""
+    every_s = run.runtime.checkpoint_every_s
+    due = every_s and time.perf_counter() - ledger.last_save >= every_s
+    stop, save = run.stop.requested, bool(run.stop.requested or due)
+    if run.world.distributed:
+        stop, save = _agreed(run.world, stop, save) if checking else (None, False)
+    if progress.step < until and save:
+        ledger.settle()
+        run.resume.save(run.model, run.opt, progress)
+        ledger.last_save = time.perf_counter()
+        if not run.world.distributed:
+            stop = run.stop.requested  # a signal during the save counts too
+        if stop:
+            raise TrainingInterrupted(
+                stop, f"stopped at step {progress.step} of "
+                f"{run.plan.total_steps}; the resume point is {run.resume.path}")
 
 
 def _agreed(world: World, stop: str | None, save: bool) -> tuple[str | None, bool]:
@@ -262,40 +311,61 @@ def report_line(plan: Plan, progress: Progress, record: dict) -> str:
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))} (validation included)")
 
 
-def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.ndarray,
-                valid_ids: np.ndarray, eos_id: int, checkpoint_dir: Path, device: str = "cpu",
-                on_eval: Callable[[list[dict]], None] | None = None,
-                precision: str = "fp32", graphs: bool = False, extra: dict | None = None,
-                eval_chunk: int = 512, checkpoint_every_s: float = 0,
-                world: World = SINGLE) -> dict:
-    """Train, resuming from checkpoint_dir/last.pt when it was written for the same
-    configuration, data, `extra` and code; return a summary. `on_eval` gets the
-    learning curve after each new point; `eval_chunk` (the scorer's pass length) and
-    `checkpoint_every_s` (0 = validation points only) do not change the result;
-    `precision` is the training steps' arithmetic (pipeline/precision.py; validation is
-    fp32); `graphs` replays each step as a CUDA graph (pipeline/graphed.py; CUDA, one
-    process), with the training split held on the GPU and checkpoints written on a
-    thread.
-    Under several ranks (`world`, every rank calls this with the same arguments) each
-    trains its B/N columns; rank 0 alone prints, writes files and calls `on_eval`;
+def train_model(spec: ModelSpec, splits: Splits, runtime: Runtime) -> dict:
+    """Train `spec` (its network sized for the vocabulary) on `splits`, resuming from
+    runtime.checkpoint_dir/last.pt when it was written for the same configuration, data,
+    `runtime.extra` and code; return a summary. `runtime.on_eval` gets the learning curve
+    after each new point; with `graphs` the training split is held on the GPU and
+    checkpoints are written on a thread.
+    Under several ranks (`runtime.world`, every rank calls this with the same arguments)
+    each trains its B/N columns; rank 0 alone prints, writes files and calls `on_eval`;
     every rank returns the same summary.
     Raises TrainingInterrupted on SIGINT/SIGTERM, after writing a resume point."""
-    cfg, extra = training, extra or {}
+    run, progress = _start(spec, splits, runtime)
+    plan, world = run.plan, runtime.world
+    with run.stop, run.bar, _finishing_writes():
+        while progress.step < plan.total_steps:
+            with products(runtime.precision):  # the segment's products; validation is fp32
+                train_segment(run, progress, plan.next_eval(progress.step))
+            record = validate(run, progress, valid_ids=splits.valid, eos_id=splits.eos_id,
+                              eval_chunk=runtime.eval_chunk,
+                              checkpoint_dir=runtime.checkpoint_dir, network=spec.network)
+            run.resume.save(run.model, run.opt, progress)
+            if world.is_main:
+                run.bar.write(report_line(plan, progress, record))
+                sys.stdout.flush()  # logs see it now
+            if runtime.on_eval is not None and world.is_main:
+                runtime.on_eval(progress.history)  # the curve so far, `record` last
+            stopped, _ = _agreed(world, run.stop.requested, False)
+            if stopped and progress.step < plan.total_steps:
+                raise TrainingInterrupted(stopped, f"stopped at step {progress.step}; "
+                                          f"the resume point is {run.resume.path}")
+    return {"history": progress.history, "best_valid_ppl": progress.best_valid,
+            "best_step": progress.best_step, "parameters": run.model.num_parameters(),
+            "seconds": progress.seconds, "tokens": progress.tokens,
+            "epochs": round(progress.step / plan.steps_per_epoch, 4),
+            "plan": dataclasses.asdict(plan) | {"eval_steps": len(plan.eval_steps)}}
+
+
+def _start(spec: ModelSpec, splits: Splits, runtime: Runtime) -> tuple[_Run, Progress]:
+    """The run's objects, in the order that draws the same random numbers every time: the
+    initial weights, this rank's columns and plan, and the resume point's progress."""
+    cfg, network, world, device = spec.training, spec.network, runtime.world, runtime.device
     say = print if world.is_main else _quiet
     cols = world.columns(cfg.batch_size)  # this rank's columns; UnevenColumns if B % N
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = LanguageModel(network).to(device)
-    graphs = graphs and device.startswith("cuda") and not world.distributed
+    graphs = runtime.graphs and device.startswith("cuda") and not world.distributed
     opt = make_optimizer(model, cfg, graphed=graphs)
     if world.rank > 0:  # dropout masks of their own (rank 0 draws as one process does)
         torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * world.rank)
-    columns = Columns.of(train_ids, cfg.batch_size, cols)  # B/N of the B columns of L
+    columns = Columns.of(splits.train, cfg.batch_size, cols)  # B/N of the B columns of L
     plan = Plan.make(columns.length, cfg)
     if device.startswith("cuda"):
         columns = ResidentColumns(columns, device)
-    resume = ResumePoint(checkpoint_dir / "last.pt",
-                         fingerprint(network, cfg, train_ids, valid_ids, extra), extra, world,
-                         background=device.startswith("cuda"))
+    resume = ResumePoint(runtime.checkpoint_dir / "last.pt",
+                         fingerprint(network, cfg, splits.train, splits.valid, runtime.extra),
+                         runtime.extra, world, background=device.startswith("cuda"))
     progress = resume.load(model, opt, device)
     lr_to_device(opt, device)
     if progress is not None:
@@ -308,32 +378,11 @@ def train_model(*, network: NetworkConfig, training: TrainConfig, train_ids: np.
         f"{len(plan.eval_steps)} validation points; Ctrl-C saves a resume point", flush=True)
     bar = tqdm(total=plan.total_steps, initial=progress.step, unit=" step", leave=False,
                disable=None if world.is_main else True)  # None: no bar in logs
-    step = make_step(model, opt, cfg=cfg, precision=precision, graphs=graphs,
+    step = make_step(model, opt, cfg=cfg, precision=runtime.precision, graphs=graphs,
                      trainer=wrap(model, world))  # DDP(model) under several ranks
-    with _StopOnSignal() as stop, bar, _finishing_writes():
-        run = _Run(model, opt, cfg, plan, columns, device, precision, step, resume, stop, bar,
-                   world)
-        while progress.step < plan.total_steps:
-            with products(precision):  # the segment's products; validation is plain fp32
-                train_segment(run, progress, plan.next_eval(progress.step), checkpoint_every_s)
-            record = validate(run, progress, valid_ids=valid_ids, eos_id=eos_id,
-                              eval_chunk=eval_chunk, checkpoint_dir=checkpoint_dir,
-                              network=network)
-            resume.save(model, opt, progress)
-            if world.is_main:
-                bar.write(report_line(plan, progress, record))
-                sys.stdout.flush()  # logs see it now
-            if on_eval is not None and world.is_main:
-                on_eval(progress.history)  # the curve so far, `record` last
-            stopped, _ = _agreed(world, stop.requested, False)
-            if stopped and progress.step < plan.total_steps:
-                raise TrainingInterrupted(stopped, f"stopped at step {progress.step}; "
-                                          f"the resume point is {resume.path}")
-    return {"history": progress.history, "best_valid_ppl": progress.best_valid,
-            "best_step": progress.best_step, "parameters": model.num_parameters(),
-            "seconds": progress.seconds, "tokens": progress.tokens,
-            "epochs": round(progress.step / plan.steps_per_epoch, 4),
-            "plan": dataclasses.asdict(plan) | {"eval_steps": len(plan.eval_steps)}}
+    run = _Run(model=model, opt=opt, cfg=cfg, plan=plan, columns=columns, step=step,
+               resume=resume, stop=_StopOnSignal(), bar=bar, runtime=runtime)
+    return run, progress
 
 
 @contextlib.contextmanager

@@ -30,7 +30,8 @@ from pipeline import distributed, steps, training
 from pipeline.checkpoints import load_checkpoint
 from pipeline.distributed import UnevenColumns, World
 from pipeline.errors import UserError
-from pipeline.training import TrainingInterrupted
+from pipeline.presets import ModelSpec
+from pipeline.training import Runtime, Splits, TrainingInterrupted
 from tests.test_training import TRAIN, VALID, net, train_cfg, without_timings
 
 RANKS = 2
@@ -48,8 +49,9 @@ CHECK_EVERY = 5
 
 def train(case, folder: Path, world: World = distributed.SINGLE) -> dict:
     network, cfg = case
-    return training.train_model(network=network, training=cfg, train_ids=TRAIN,
-                                valid_ids=VALID, eos_id=0, checkpoint_dir=folder, world=world)
+    return training.train_model(ModelSpec(network=network, training=cfg),
+                                Splits(train=TRAIN, valid=VALID, eos_id=0),
+                                Runtime(checkpoint_dir=folder, world=world))
 
 
 def free_port() -> int:

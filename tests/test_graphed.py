@@ -13,8 +13,7 @@ import torch
 from pipeline.graphed import WARMUP, GraphedStep
 from pipeline.networks import LanguageModel
 from pipeline.steps import make_optimizer, set_lr, train_step
-from pipeline.training import train_model
-from tests.test_training import TRAIN, VALID, net, train_cfg, without_timings
+from tests.test_training import TRAIN, net, train, train_cfg, without_timings
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -48,10 +47,8 @@ def test_the_graph_ready_optimizer_takes_the_eager_steps(optimizer, device):
 
 
 def gpu_run(kind, tmp_path, graphs, **changes):
-    return train_model(network=net(kind, **changes.pop("network", {})),
-                       training=train_cfg(epochs=3, **changes), train_ids=TRAIN,
-                       valid_ids=VALID, eos_id=0, checkpoint_dir=tmp_path, device="cuda",
-                       graphs=graphs)
+    return train(net(kind, **changes.pop("network", {})), train_cfg(epochs=3, **changes),
+                 tmp_path, device="cuda", graphs=graphs)
 
 
 @needs_cuda
@@ -88,15 +85,13 @@ def test_replays_draw_new_dropout_masks_between_lstm_layers():
 @needs_cuda
 def test_a_graphed_run_resumes_to_the_same_numbers(tmp_path):
     whole = gpu_run("lstm", tmp_path / "whole", True, network={"dropout": 0.0})
-    first = train_model(network=net("lstm", dropout=0.0), training=train_cfg(epochs=2),
-                        train_ids=TRAIN, valid_ids=VALID, eos_id=0,
-                        checkpoint_dir=tmp_path / "cut", device="cuda", graphs=True)
+    first = train(net("lstm", dropout=0.0), train_cfg(epochs=2), tmp_path / "cut",
+                  device="cuda", graphs=True)
     assert len(first["history"]) == 2
     # the same run asked for 3 epochs is another configuration: it starts over; so the
     # resume is checked on the 2-epoch run found finished, then on the 3-epoch curve
-    again = train_model(network=net("lstm", dropout=0.0), training=train_cfg(epochs=2),
-                        train_ids=TRAIN, valid_ids=VALID, eos_id=0,
-                        checkpoint_dir=tmp_path / "cut", device="cuda", graphs=True)
+    again = train(net("lstm", dropout=0.0), train_cfg(epochs=2), tmp_path / "cut",
+                  device="cuda", graphs=True)
     assert without_timings(again["history"]) == without_timings(first["history"])
     assert whole["history"][1]["valid_ppl"] == pytest.approx(first["history"][1]["valid_ppl"],
                                                              rel=1e-4)

@@ -170,8 +170,9 @@ def train_small(ids: dict, folder: Path) -> dict:
     import torch  # a pinned dependency: no skip (the training imports it anyway)
 
     from pipeline.networks import NetworkConfig
+    from pipeline.presets import ModelSpec
     from pipeline.schedule import TrainConfig
-    from pipeline.training import train_model
+    from pipeline.training import Runtime, Splits, train_model
 
     torch.set_num_threads(1)
     network = NetworkConfig(kind="lstm", vocab_size=ids["vocab"], embedding_size=16,
@@ -180,8 +181,9 @@ def train_small(ids: dict, folder: Path) -> dict:
     cfg = TrainConfig(batch_size=4, bptt=10, epochs=2, max_tokens=0, evals_per_epoch=1,
                       optimizer="adam", lr=0.01, loss="token_mean", schedule="decay",
                       lr_decay=1.2, decay_after=1, warmup=0.0, lr_min=0.0, clip=5.0, seed=0)
-    result = train_model(network=network, training=cfg, train_ids=ids["train"],
-                         valid_ids=ids["valid"], eos_id=0, checkpoint_dir=folder)
+    result = train_model(ModelSpec(network=network, training=cfg),
+                         Splits(train=ids["train"], valid=ids["valid"], eos_id=0),
+                         Runtime(checkpoint_dir=folder))
     return {"valid_ppl": [h["valid_ppl"] for h in result["history"]],
             "best": result["best_valid_ppl"]}
 

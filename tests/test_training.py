@@ -15,9 +15,16 @@ from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.imports import PACKAGE
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.precision import bf16_products
+from pipeline.presets import ModelSpec
 from pipeline.resume import LOOP, RESCORED, ResumePoint, training_code
 from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
-from pipeline.training import TrainingDiverged, TrainingInterrupted, train_model
+from pipeline.training import (
+    Runtime,
+    Splits,
+    TrainingDiverged,
+    TrainingInterrupted,
+    train_model,
+)
 
 V = 8
 # a stream with structure: a cycle 2 3 4 5 6 <eos>, with every 7th token replaced at random
@@ -40,9 +47,11 @@ def train_cfg(**changes):
     return TrainConfig(**{**base, **changes})
 
 
-def train(network, cfg, folder, train_ids=TRAIN, **options):
-    return train_model(network=network, training=cfg, train_ids=train_ids, valid_ids=VALID,
-                       eos_id=0, checkpoint_dir=folder, **options)
+def train(network, cfg, folder, train_ids=TRAIN, **runtime):
+    """train_model on TRAIN (or `train_ids`) and VALID; `runtime`: Runtime's fields."""
+    return train_model(ModelSpec(network=network, training=cfg),
+                       Splits(train=train_ids, valid=VALID, eos_id=0),
+                       Runtime(checkpoint_dir=folder, **runtime))
 
 
 def without_timings(history):
