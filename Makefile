@@ -98,13 +98,13 @@ REPRO_wlm := wlm-tied-6ep
 # One committed run: $(call reproduce,<preset>,<model>,<run name>)
 define reproduce
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro prepare@ptb
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.train --preset $(1) \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipeline.stages.train --preset $(1) \
 	  --corpus ptb --model $(2) --data data/prepared/ptb \
 	  --checkpoints models/reproductions/$(3).ckpt \
 	  --out models/reproductions/$(3).pt \
 	  --metrics reports/reproductions/$(3)/metrics.json \
 	  --curve reports/reproductions/$(3)/curve.json
-	$(BIN)/python -m pipeline.leaderboard --reproductions reports/reproductions \
+	$(BIN)/python -m pipeline.stages.leaderboard --reproductions reports/reproductions \
 	  --out-md reports/reproductions/leaderboard.md
 endef
 reproduce-small reproduce-medium reproduce-wlm: reproduce-%: setup

@@ -56,12 +56,12 @@ from pipeline.checkpoints import load_model
 from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS, LanguageModel
+from pipeline.neural import pick_device, train_and_score
 from pipeline.params import load_section
 from pipeline.perplexity import score_stream
 from pipeline.precision import LABELS, PRECISIONS, choose
 from pipeline.presets import TrainParams
 from pipeline.references import compare
-from pipeline.train import pick_device, train_and_score
 from pipeline.training import TrainingInterrupted
 
 PARTS = ("graphs", "medium", "peer", "precision", "scoring", "determinism", "throughput")

@@ -39,10 +39,10 @@ from pipeline.corpora import CORPUS_NAMES
 from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS
+from pipeline.neural import pick_device, train_and_score
 from pipeline.params import load_section
 from pipeline.precision import TOLERANCE, acceptable, bf16_products
 from pipeline.presets import TrainParams
-from pipeline.train import pick_device, train_and_score
 
 PRECISIONS = ("fp32", "bf16 autocast")
 

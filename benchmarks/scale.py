@@ -8,8 +8,8 @@ length 20; train of that many tokens, valid and test of 100,000 each) goes
 through the stages' own code, each step in a fresh process whose peak resident
 set size is read from the kernel (os.wait4), the way `/usr/bin/time -v` reads it:
 
-- prepare: `pipeline.prepare.prepare_corpus` (both streaming passes, all splits);
-- ngram, per order: the training text (`pipeline.ngram.write_training_text`),
+- prepare: `pipeline.encoding.prepare_corpus` (both streaming passes, all splits);
+- ngram, per order: the training text (`pipeline.kneser_ney.write_training_text`),
   lmplz with `-S memory` (params `ngram.memory`, 1G by default) and build_binary
   (probing, the default; and the 8-bit quantized trie, for its size).
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.atomic import write_text  # noqa: E402
 from pipeline.errors import run_stage  # noqa: E402
 from pipeline.kenlm_tools import tool_path  # noqa: E402
-from pipeline.ngram import MEMORY_SIZE  # noqa: E402
+from pipeline.kneser_ney import MEMORY_SIZE  # noqa: E402
 
 WIKITEXT103_TRAIN_TOKENS = 103_227_021  # words + one <eos> per line (Merity et al. 2016)
 HELD_OUT_TOKENS = 100_000
@@ -150,7 +150,7 @@ def python_env() -> dict:
 PREPARE = """
 import sys
 from pathlib import Path
-from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
+from pipeline.encoding import CustomCorpusParams, PrepareParams, prepare_corpus
 params = PrepareParams(custom=CustomCorpusParams(level="word", ratios=(0.8, 0.1, 0.1),
                                                  min_count=1))
 prepare_corpus("custom", Path(sys.argv[1]), Path(sys.argv[2]), params)
@@ -160,7 +160,7 @@ TRAINING_TEXT = """
 import sys
 from pathlib import Path
 from pipeline.dataset import PreparedCorpus
-from pipeline.ngram import write_training_text
+from pipeline.kneser_ney import write_training_text
 write_training_text(PreparedCorpus(Path(sys.argv[1])), Path(sys.argv[2]))
 """
 

@@ -37,12 +37,12 @@ from pipeline.atomic import write_text
 from pipeline.errors import run_stage
 from pipeline.hostmemory import reuse_freed_memory
 from pipeline.networks import KINDS, LanguageModel
+from pipeline.neural import pick_device
 from pipeline.params import load_section
 from pipeline.perplexity import cpu_model, score_stream
 from pipeline.precision import LABELS, bf16_products, products
 from pipeline.presets import TrainParams
 from pipeline.steps import make_optimizer, make_step
-from pipeline.train import pick_device
 
 # A row's training figure is the median of groups of GROUP steps, its evaluation figure
 # the fastest of EVAL_PASSES passes: a moment of load on a shared machine does not move it

@@ -1,8 +1,8 @@
 """Data-parallel training (torchrun + DistributedDataParallel), and the one process
 it reduces to.
 
-    python -m pipeline.train ...                                 one process (World())
-    torchrun --standalone --nproc-per-node 4 -m pipeline.train ...   4 ranks, one machine
+    python -m pipeline.stages.train ...                                 one process (World())
+    torchrun --standalone --nproc-per-node 4 -m pipeline.stages.train ...   4 ranks, one machine
 
 (`train.nproc` in params.yaml makes the stage relaunch itself through torchrun.)
 The B columns of the training stream (pipeline/steps.py) are split into N

@@ -38,7 +38,7 @@ REFERENCES_NOTE = (
     "published figure is context, shown with its configuration and why it is not comparable.")
 CONFIG_NOT_PUBLISHED = "configuration not published in full"
 # Selection protocols: whose test perplexity a reference reports. The first two are keys of
-# a neural metrics file's `protocols` (pipeline/train.py writes them under these names).
+# a neural metrics file's `protocols` (pipeline/neural.py writes them under these names).
 LAST_EPOCH = "last epoch"  # the model after the final epoch
 BEST_EPOCH_END = "best end-of-epoch validation"  # the best of the points on epoch ends
 ONE_MODEL = "one model"  # an n-gram: estimated once, nothing is selected

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import DownloadParams, download_corpus
+from pipeline.encoding import CustomCorpusParams, PrepareParams, prepare_corpus
+from pipeline.fetch import DownloadParams, download_corpus
 from pipeline.params import load_section
-from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -372,12 +372,12 @@ def change_params(path: Path, changes: list[str]) -> None:
 
 def check_sections(path: Path) -> None:
     """Load every section of the params file at `path` as its stage does (ParamsError)."""
-    from pipeline.analyse import AnalyseParams
-    from pipeline.download import DownloadParams
-    from pipeline.ngram import NgramParams
-    from pipeline.prepare import PrepareParams
+    from pipeline.analysis import AnalyseParams
+    from pipeline.encoding import PrepareParams
+    from pipeline.fetch import DownloadParams
+    from pipeline.kneser_ney import NgramParams
     from pipeline.presets import TrainParams
-    from pipeline.sample import SampleParams
+    from pipeline.sampling import SampleParams
 
     for section, cls in (("download", DownloadParams), ("prepare", PrepareParams),
                          ("ngram", NgramParams), ("train", TrainParams),

@@ -17,8 +17,8 @@ import yaml
 import benchmarks.precision as precision
 import benchmarks.throughput as throughput
 from pipeline import perplexity, steps
+from pipeline.encoding import prepare_corpus
 from pipeline.params import load_section
-from pipeline.prepare import prepare_corpus
 from pipeline.presets import TrainParams
 from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
 

@@ -168,7 +168,7 @@ def test_uneven_columns_are_a_one_line_error_naming_the_key():
     with pytest.raises(UnevenColumns, match="batch_size: 4 columns cannot be split evenly"):
         World(rank=0, size=3).columns(4)
     assert World(rank=1, size=2).columns(4) == slice(2, 4)
-    from pipeline.train import check_ranks
+    from pipeline.neural import check_ranks
     from tests.test_presets import train_params
 
     with pytest.raises(UserError, match=r"train\.presets\.quick\..*batch_size: "
@@ -186,7 +186,7 @@ def test_the_train_stage_relaunches_itself_under_torchrun(tmp_path, mirror):
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from pipeline.prepare import prepare_corpus
+    from pipeline.encoding import prepare_corpus
     from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
 
     lines = {s: (mirror / "ptb" / f"ptb.{s}.txt").read_text().splitlines(keepends=True)[:n]
@@ -209,7 +209,7 @@ def test_the_train_stage_relaunches_itself_under_torchrun(tmp_path, mirror):
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
         done = subprocess.run(
-            [sys.executable, "-m", "pipeline.train", "--corpus", "custom", "--model", "lstm",
+            [sys.executable, "-m", "pipeline.stages.train", "--corpus", "custom", "--model", "lstm",
              "--data", str(tmp_path / "data"), "--checkpoints", "ckpt", "--out", "lstm.pt",
              "--metrics", "metrics.json", "--curve", "curve.json"],
             cwd=work, env=env, capture_output=True, text=True, timeout=600)

@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from pipeline import download as dl
-from pipeline.download import DownloadError, download_corpus
+from pipeline import fetch as dl
+from pipeline.fetch import DownloadError, download_corpus
 from tests.conftest import download_params
 
 

@@ -19,12 +19,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline import download, ngram, tracking, train
+from pipeline import neural, tracking
 from pipeline.corpora import CORPUS_NAMES, CorpusError
 from pipeline.dataset import PreparedCorpus, id_dtype
-from pipeline.prepare import prepare_corpus
+from pipeline.encoding import prepare_corpus
+from pipeline.neural import OutOfMemory, train_and_score
 from pipeline.presets import TrainParams
-from pipeline.train import OutOfMemory, train_and_score
+from pipeline.stages.download import main as download_main
+from pipeline.stages.ngram import main as ngram_main
 from tests.conftest import PREPARE_PARAMS, REPO, write_custom_splits
 
 
@@ -35,7 +37,7 @@ def test_unknown_corpus_names_the_known_ones(tmp_path, capsys):
         get_corpus("ptb3")
     out = tmp_path / "raw" / "ptb3"
     with pytest.raises(SystemExit) as refused:  # the stage's command line refuses it first
-        download.main(["--corpus", "ptb3", "--out", str(out)])
+        download_main(["--corpus", "ptb3", "--out", str(out)])
     assert refused.value.code == 2
     assert "invalid choice: 'ptb3' (choose from 'ptb', 'brown'" in capsys.readouterr().err
     assert not out.parent.exists()
@@ -114,7 +116,7 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch(small_corpus, tmp_path, monk
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "train_model", out_of_memory)
+    monkeypatch.setattr(neural, "train_model", out_of_memory)
     with pytest.raises(OutOfMemory, match=r"lower train\.presets\.quick\.models\.window\."
                                           r"batch_size .*CUDA out of memory"):
         train_and_score("custom", "window", small_corpus, tmp_path / "ckpt", tmp_path / "m.pt",
@@ -132,7 +134,7 @@ def stage_dir(tmp_path, monkeypatch):
 
 
 def run_ngram_stage(small_corpus: Path, out: Path) -> None:
-    ngram.main(["--corpus", "custom", "--order", "2", "--data", str(small_corpus),
+    ngram_main(["--corpus", "custom", "--order", "2", "--data", str(small_corpus),
                 "--model", str(out / "kn2.bin"), "--metrics", str(out / "kn2.json")])
 
 

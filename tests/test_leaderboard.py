@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import run_stage
-from pipeline.leaderboard import LeaderboardError, build_table
+from pipeline.leaderboard_table import LeaderboardError, build_table
 
 # two corpora whose counts differ from each other, as real corpora do: only the models of
 # one corpus must agree

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from pipeline.dataset import PreparedCorpus
-from pipeline.download import download_corpus
+from pipeline.encoding import prepare_corpus
+from pipeline.fetch import download_corpus
 from pipeline.longrange import LongRangeParams, LongRangeSource
 from pipeline.networks import LanguageModel, NetworkConfig
-from pipeline.prepare import prepare_corpus
 from pipeline.recall import dependency_losses, dependent_positions
 from pipeline.synthetic import SOURCE_FILE
 from tests.conftest import PREPARE_PARAMS, download_params
@@ -97,7 +97,7 @@ def test_the_largest_carried_gap_is_the_largest_below_half_a_nat():
 
 
 def test_the_report_table_names_each_model_s_largest_carried_gap():
-    from pipeline.report import dependencies_table
+    from pipeline.page import dependencies_table
 
     record = {"floor_nats": 1.089, "forget_nats": 1.906, "carried_below_nats": 0.5,
               "split": "valid",

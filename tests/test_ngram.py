@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.dataset import PreparedCorpus
-from pipeline.ngram import NgramError, NgramParams, build_ngram, score_split
-from pipeline.prepare import prepare_corpus
+from pipeline.encoding import prepare_corpus
+from pipeline.kneser_ney import NgramError, NgramParams, build_ngram, score_split
 from tests.conftest import write_custom_splits
 from tests.test_prepare import PrepareParamsWord
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.download import DownloadParams
-from pipeline.ngram import NgramParams
+from pipeline.encoding import PrepareParams
+from pipeline.fetch import DownloadParams
+from pipeline.kneser_ney import NgramParams
 from pipeline.params import ParamsError, load_section
-from pipeline.prepare import PrepareParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_missing_key_is_named(tmp_path):
 def test_values_every_check_would_let_through_are_refused(tmp_path, section, key, value,
                                                           message):
     from pipeline.presets import TrainParams
-    from pipeline.sample import SampleParams
+    from pipeline.sampling import SampleParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     target = params["train"]["presets"]["quick"]["defaults"] if section == "train" \
@@ -122,7 +122,7 @@ def test_a_broken_or_misspelt_params_file_is_named(tmp_path):
 
 
 def test_gradient_windows_longer_than_the_split_name_the_key():
-    from pipeline.analyse import AnalyseParams
+    from pipeline.analysis import AnalyseParams
 
     params = load_section("analyse", AnalyseParams, REPO / "params.yaml")
     g = params.gradients

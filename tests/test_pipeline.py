@@ -243,7 +243,7 @@ def assert_gradient_flow(phases: dict) -> None:
 
 
 def test_learning_curve_plot_has_one_line_per_model(workspace):
-    from pipeline.report import load_curves, plot_curves
+    from pipeline.plots import load_curves, plot_curves
 
     repo, _, _ = workspace
     table = pd.read_csv(repo / "reports" / "leaderboard.csv")

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.corpora import CorpusError
 from pipeline.dataset import EOS, UNK, PreparedCorpus
-from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
+from pipeline.encoding import CustomCorpusParams, PrepareParams, prepare_corpus
 from tests.conftest import write_custom_splits
 
 

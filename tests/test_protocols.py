@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import references, train
-from pipeline.leaderboard import build_table, make_reproductions, render_markdown
+from pipeline import neural, references
+from pipeline.leaderboard_table import build_table, make_reproductions, render_markdown
+from pipeline.page import render_table
 from pipeline.references import (
     BEST_EPOCH_END,
     LAST_EPOCH,
@@ -31,7 +32,6 @@ from pipeline.references import (
     Reference,
     compare,
 )
-from pipeline.report import render_table
 from tests.test_references import metrics_row
 from tests.test_robustness import params, write_corpus
 
@@ -62,7 +62,7 @@ def test_every_reference_names_its_protocol():
 
 
 def test_the_train_stage_records_under_the_names_references_compare():
-    assert (train.LAST_EPOCH, train.BEST_EPOCH_END) == (LAST_EPOCH, BEST_EPOCH_END)
+    assert (neural.LAST_EPOCH, neural.BEST_EPOCH_END) == (LAST_EPOCH, BEST_EPOCH_END)
 
 
 def row_for(reference: Reference, test_ppl: float, recorded: dict[str, float]) -> dict:
@@ -171,7 +171,7 @@ def test_the_committed_curve_selects_the_last_epoch_for_both_protocols():
     metrics = committed_small()
     spe = next(r["step"] for r in history if r["epoch"] == 1.0)
     scorer = Scorer()
-    found = train.protocol_scores(history, spe, metrics["best_step"], metrics["test_ppl"],
+    found = neural.protocol_scores(history, spe, metrics["best_step"], metrics["test_ppl"],
                                   scorer)
     assert scorer.calls == 1  # the last point's weights scored once, for both protocols
     assert found[LAST_EPOCH] == found[BEST_EPOCH_END] == {
@@ -184,7 +184,7 @@ def test_an_epoch_end_that_no_checkpoint_keeps_has_no_test_figure():
     # best point 1.5 (mid-epoch, best.pt); best epoch end 1.0 (neither best nor last)
     history = curve((0.5, 200), (1.0, 150), (1.5, 140), (2.0, 160))
     scorer = Scorer()
-    found = train.protocol_scores(history, 10, 15, 135.0, scorer)
+    found = neural.protocol_scores(history, 10, 15, 135.0, scorer)
     assert found[BEST_EPOCH_END] == {"step": 10, "epoch": 1.0, "valid_ppl": 150,
                                      "test_ppl": None}
     assert found[LAST_EPOCH]["test_ppl"] == 150.0 and scorer.calls == 1
@@ -192,19 +192,19 @@ def test_an_epoch_end_that_no_checkpoint_keeps_has_no_test_figure():
 
 def test_an_epoch_end_best_uses_the_published_checkpoint_and_a_cut_run_has_no_last_epoch():
     scorer = Scorer()
-    found = train.protocol_scores(curve((1.0, 150), (2.0, 140)), 10, 20, 135.0, scorer)
+    found = neural.protocol_scores(curve((1.0, 150), (2.0, 140)), 10, 20, 135.0, scorer)
     assert found[LAST_EPOCH]["test_ppl"] == found[BEST_EPOCH_END]["test_ppl"] == 135.0
     assert scorer.calls == 0
-    cut = train.protocol_scores(curve((1.0, 150), (1.5, 140)), 10, 15, 135.0, scorer)
+    cut = neural.protocol_scores(curve((1.0, 150), (1.5, 140)), 10, 15, 135.0, scorer)
     assert set(cut) == {BEST_EPOCH_END} and cut[BEST_EPOCH_END]["test_ppl"] is None
-    assert train.protocol_scores(curve((0.5, 150)), 10, 5, 135.0, scorer) == {}
+    assert neural.protocol_scores(curve((0.5, 150)), 10, 5, 135.0, scorer) == {}
     assert scorer.calls == 0
 
 
 @pytest.fixture(scope="module")
 def ptb_lines(tmp_path_factory, mirror) -> Path:
     """The first 120 / 20 / 20 lines of real PTB, prepared as a custom corpus."""
-    from pipeline.prepare import prepare_corpus
+    from pipeline.encoding import prepare_corpus
 
     root = tmp_path_factory.mktemp("ptb-lines")
     parts = {s: (mirror / "ptb" / f"ptb.{s}.txt").read_text().splitlines()[:n]
@@ -225,7 +225,7 @@ def test_the_stage_scores_the_last_epoch_from_the_final_weights(ptb_lines, tmp_p
     # a constant lr 0.1 over-fits these 120 lines: the best point is epoch 2's (measured)
     params = small_train_params(epochs=4, evals_per_epoch=2, lr=0.1, dropout=0.0,
                                 schedule="decay", lr_decay=1.0)
-    metrics = train.train_and_score("custom", "window", ptb_lines, tmp_path / "ckpt",
+    metrics = neural.train_and_score("custom", "window", ptb_lines, tmp_path / "ckpt",
                                     tmp_path / "m.pt", tmp_path / "curve.json", params)
     history = json.loads((tmp_path / "curve.json").read_text())
     last = metrics["protocols"][LAST_EPOCH]

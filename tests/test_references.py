@@ -7,9 +7,10 @@ import io
 import pandas as pd
 import pytest
 
-from pipeline.leaderboard import build_table, render_markdown
+from pipeline.leaderboard_table import build_table, render_markdown
+from pipeline.page import render_table
+from pipeline.plots import comparable, plot_curves, plot_published
 from pipeline.references import LAST_EPOCH, REFERENCES, compare, in_time_sum_units
-from pipeline.report import comparable, plot_curves, plot_published, render_table
 
 # Zaremba et al.'s small model as the `small` preset resolves it for PTB lstm2
 SMALL = {"embedding_size": 200, "hidden_size": 200, "context": 4, "dropout": 0.0,

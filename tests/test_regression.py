@@ -50,7 +50,7 @@ def test_the_check_covers_characters_orders_samples_references_and_sizes(pipelin
 
 def test_dropped_end_of_sentence_fails_with_a_table(pipeline_run, tmp_path):
     repo, env = pipeline_run.clone(tmp_path / "repo", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    prepare = repo / "pipeline" / "prepare.py"
+    prepare = repo / "pipeline" / "encoding.py"
     # both passes of prepare: the count of tokens per split, and the encoding
     text = prepare.read_text()
     for correct, broken in (

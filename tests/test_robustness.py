@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.corpora import SPLITS
 from pipeline.dataset import PreparedCorpus
-from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
+from pipeline.encoding import CustomCorpusParams, PrepareParams, prepare_corpus
 from tests.conftest import REPO
 
 LINES = 3_000  # of Tiny Shakespeare: about 77 kB of real text, blank lines included
@@ -252,7 +252,7 @@ def test_atomic_outputs_are_synced_before_the_rename(tmp_path, monkeypatch):
 def test_a_vocabulary_change_that_keeps_the_ids_retrains_the_model(ptb_small, tmp_path, capsys):
     import json
 
-    from pipeline import train
+    from pipeline import neural
     from tests.test_faults import small_train_params
 
     data = tmp_path / "data"
@@ -260,12 +260,12 @@ def test_a_vocabulary_change_that_keeps_the_ids_retrains_the_model(ptb_small, tm
     stage = dict(corpus="custom", model="window", data_dir=data, checkpoints=tmp_path / "ckpt",
                  out=tmp_path / "m.pt", curve=tmp_path / "curve.json",
                  params=small_train_params())
-    first = train.train_and_score(**stage)
+    first = neural.train_and_score(**stage)
     vocab = json.loads((data / "vocab.json").read_text())
     vocab["tokens"][5] += "-renamed"  # the same ids, another vocabulary
     (data / "vocab.json").write_text(json.dumps(vocab))
     capsys.readouterr()
-    second = train.train_and_score(**stage)  # before the fix: "trained on another vocabulary"
+    second = neural.train_and_score(**stage)  # before the fix: "trained on another vocabulary"
     said = capsys.readouterr().out
     assert "resuming from" not in said and "training from scratch" in said
     assert second["vocab_digest"] != first["vocab_digest"]
@@ -277,13 +277,13 @@ def test_the_published_valid_score_is_the_scorer_on_the_published_model(ptb_smal
     """The train stage publishes the valid score its validation point measured when it chose
     best.pt (not scoring the split twice): exactly what the one scorer gives that model
     under the same setup. Under another setup (here another chunk) it scores again."""
-    from pipeline import train
+    from pipeline import neural
     from pipeline.checkpoints import load_model
     from pipeline.perplexity import score_stream
     from tests.test_faults import small_train_params
 
     scored = []  # the splits the stage scores itself, after training
-    monkeypatch.setattr(train, "score_stream", lambda model, ids, *args: (
+    monkeypatch.setattr(neural, "score_stream", lambda model, ids, *args: (
         scored.append(len(ids)), score_stream(model, ids, *args))[1])
     valid = PreparedCorpus(ptb_small).ids("valid")
     keys = ("valid_ppl", "valid_nll_nats", "valid_tokens")
@@ -291,13 +291,13 @@ def test_the_published_valid_score_is_the_scorer_on_the_published_model(ptb_smal
     stage = dict(corpus="custom", model="window", data_dir=ptb_small,
                  checkpoints=tmp_path / "ckpt", out=tmp_path / "m.pt",
                  curve=tmp_path / "curve.json")
-    metrics = train.train_and_score(**stage, params=params)
+    metrics = neural.train_and_score(**stage, params=params)
     assert len(scored) == 1 and scored[0] != len(valid)  # test only
     fresh = score_stream(load_model(tmp_path / "m.pt"), valid, params.eval_chunk, 0)
     assert {k: metrics[k] for k in keys} == fresh.metrics("valid", "word")
     scored.clear()
     other = dataclasses.replace(params, eval_chunk=7)  # the finished run, found again
-    again = train.train_and_score(**stage, params=other)
+    again = neural.train_and_score(**stage, params=other)
     assert len(scored) == 2  # valid and test
     rescored = score_stream(load_model(tmp_path / "m.pt"), valid, 7, 0)
     assert {k: again[k] for k in keys} == rescored.metrics("valid", "word")
@@ -315,8 +315,8 @@ def test_a_corrupted_mirror_file_is_one_clear_line(tmp_path, mirror):
     shutil.copytree(mirror / "ptb", bad / "ptb")
     with open(bad / "ptb" / "ptb.valid.txt", "a") as f:
         f.write("a line too many\n")
-    done = run_module(["pipeline.download", "--corpus", "ptb", "--out", str(tmp_path / "raw")],
-                      {"LMB_MIRROR": str(bad)})
+    done = run_module(["pipeline.stages.download", "--corpus", "ptb", "--out",
+                       str(tmp_path / "raw")], {"LMB_MIRROR": str(bad)})
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ptb: checksum mismatch for ptb.valid.txt: sha256 ")
@@ -332,16 +332,16 @@ def test_a_bad_params_value_is_one_clear_line():
 
 @pytest.mark.parametrize("args, starts", [
     # a folder with no prepared corpus (a fresh clone before `dvc pull`)
-    (["pipeline.ngram", "--corpus", "ptb", "--order", "2", "--data", "/nonexistent",
+    (["pipeline.stages.ngram", "--corpus", "ptb", "--order", "2", "--data", "/nonexistent",
       "--model", "m", "--metrics", "m.json"], "error: /nonexistent: no prepared corpus "),
     # a corpus not downloaded
-    (["pipeline.prepare", "--corpus", "ptb", "--raw", "/nonexistent", "--out", "out"],
+    (["pipeline.stages.prepare", "--corpus", "ptb", "--raw", "/nonexistent", "--out", "out"],
      "error: /nonexistent/ptb.train.txt: no such file; download the corpus first"),
     # a corpus params.yaml does not list
-    (["pipeline.sample", "--corpus", "wikitext2", "--data", "d", "--models", "m", "--out",
+    (["pipeline.stages.sample", "--corpus", "wikitext2", "--data", "d", "--models", "m", "--out",
       "o.md", "--out-json", "o.json"], "error: corpora: 'wikitext2' is not listed in "),
     # a model not trained yet
-    (["pipeline.analyse", "--corpus", "synthetic", "--data", "{synthetic}", "--models",
+    (["pipeline.stages.analyse", "--corpus", "synthetic", "--data", "{synthetic}", "--models",
       "/nonexistent", "--out", "out"], "error: /nonexistent/window.pt: no trained window "),
 ])
 def test_a_missing_input_is_one_clear_line(args, starts, prepared, tmp_path):
@@ -390,7 +390,7 @@ def in_temp_copy(tmp_path, monkeypatch, no_mirror) -> Path:
 
 
 def test_a_relative_custom_path_is_found_in_the_checkout(in_temp_copy, tmp_path, shakespeare):
-    from pipeline.download import download_corpus
+    from pipeline.fetch import download_corpus
     from tests.conftest import download_params
 
     write_corpus(in_temp_copy / "mytext", files(shakespeare, split_files=True))
@@ -399,7 +399,7 @@ def test_a_relative_custom_path_is_found_in_the_checkout(in_temp_copy, tmp_path,
 
 
 def test_a_missing_relative_custom_path_names_the_path_tried(in_temp_copy, tmp_path):
-    from pipeline.download import DownloadError, download_corpus
+    from pipeline.fetch import DownloadError, download_corpus
     from tests.conftest import download_params
 
     with pytest.raises(DownloadError, match=rf"download.custom_path 'mytext': {in_temp_copy}"
@@ -408,7 +408,7 @@ def test_a_missing_relative_custom_path_names_the_path_tried(in_temp_copy, tmp_p
 
 
 def test_a_relative_mirror_is_found_in_the_checkout(in_temp_copy, tmp_path, mirror):
-    from pipeline.download import download_corpus
+    from pipeline.fetch import download_corpus
     from tests.conftest import download_params
 
     (in_temp_copy / "corpora").mkdir()
@@ -419,7 +419,7 @@ def test_a_relative_mirror_is_found_in_the_checkout(in_temp_copy, tmp_path, mirr
 
 def test_a_mirror_that_is_no_folder_is_an_error_not_a_download(in_temp_copy, tmp_path,
                                                                monkeypatch):
-    from pipeline.download import DownloadError, download_corpus
+    from pipeline.fetch import DownloadError, download_corpus
     from tests.conftest import download_params
 
     monkeypatch.setenv("LMB_MIRROR", "corpora")
@@ -467,7 +467,7 @@ def test_make_exp_runs_dvc_exp_run_with_the_venv_first_on_path():
 
 # --- item 11: the smaller ones --------------------------------------------------------------
 def test_an_out_of_vocabulary_prompt_is_a_warning_showing_what_is_used(ptb_small, capsys):
-    from pipeline.sample import encode_prompt
+    from pipeline.sampling import encode_prompt
 
     vocab = PreparedCorpus(ptb_small).vocabulary()
     ids = encode_prompt("the zyzzyva market", vocab)
@@ -482,7 +482,7 @@ def test_an_infinite_temperature_is_refused():
     import yaml
 
     from pipeline.params import ParamsError, build
-    from pipeline.sample import SampleParams
+    from pipeline.sampling import SampleParams
 
     section = yaml.safe_load((REPO / "params.yaml").read_text())["sample"]
     section["temperature"] = yaml.safe_load(".inf")
@@ -492,8 +492,8 @@ def test_an_infinite_temperature_is_refused():
 
 
 def test_a_train_split_shorter_than_a_batch_names_the_key(tmp_path, mirror):
+    from pipeline.neural import train_and_score
     from pipeline.params import ParamsError
-    from pipeline.train import train_and_score
     from tests.test_faults import small_train_params
 
     words = (mirror / "ptb" / "ptb.train.txt").read_text().split()
@@ -516,15 +516,15 @@ def cuda_out_of_memory(*args, **kwargs):
 
 @pytest.mark.parametrize("where", ["validation", "final scores"])
 def test_out_of_memory_while_scoring_names_eval_chunk(ptb_small, tmp_path, monkeypatch, where):
-    from pipeline import train, training
-    from pipeline.train import OutOfMemory
+    from pipeline import neural, training
+    from pipeline.neural import OutOfMemory
     from tests.test_faults import small_train_params
 
-    target = (training, "stream_nll") if where == "validation" else (train, "score_stream")
+    target = (training, "stream_nll") if where == "validation" else (neural, "score_stream")
     monkeypatch.setattr(*target, cuda_out_of_memory)
     with pytest.raises(OutOfMemory, match=r"cpu ran out of memory scoring custom/window with "
                        r"eval_chunk \d+: lower train\.eval_chunk .*CUDA out of memory"):
-        train.train_and_score("custom", "window", ptb_small, tmp_path / "ckpt",
+        neural.train_and_score("custom", "window", ptb_small, tmp_path / "ckpt",
                               tmp_path / "m.pt", tmp_path / "curve.json", small_train_params())
 
 

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from benchmarks.scale import generate_corpus, measure_lmplz, measure_prepare
-from pipeline import corpora, prepare
+from pipeline import corpora, encoding
 from pipeline.corpora import SPLITS, CorpusError, read_utf8, stream_text_lines
 from pipeline.dataset import EOS, UNK, PreparedCorpus
-from pipeline.download import DownloadError, download_corpus
-from pipeline.ngram import NgramParams, build_ngram, write_training_text
+from pipeline.encoding import CustomCorpusParams, PrepareParams, prepare_corpus
+from pipeline.fetch import DownloadError, download_corpus
+from pipeline.kneser_ney import NgramParams, build_ngram, write_training_text
 from pipeline.params import ParamsError
-from pipeline.prepare import CustomCorpusParams, PrepareParams, prepare_corpus
 from tests.conftest import download_params
 
 EDGE_BREAKS = ["\r\n", "\n", "\r", "\x0c", "\u2028", "\x85", "\n\n", "\n \t\n", "\x1c", "\v"]
@@ -112,7 +112,7 @@ def in_memory_prepare(raw: Path, level: str, ratios, min_count: int) -> dict:
 def test_streaming_prepare_equals_the_in_memory_definition(tmp_path, monkeypatch, level,
                                                            layout):
     # tiny chunks and blocks: every line straddles a chunk and a block somewhere
-    monkeypatch.setattr(prepare, "CHUNK_TOKENS", 7)
+    monkeypatch.setattr(encoding, "CHUNK_TOKENS", 7)
     monkeypatch.setattr(corpora, "READ_BLOCK", 5)
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -25,10 +25,11 @@ def body(stage: str) -> dict:
 
 
 def entry_module(stage: str) -> Path:
-    """The module its command runs: `python -m pipeline.<module> ...`."""
-    match = re.search(r"python -m pipeline\.(\w+)", body(stage)["cmd"])
-    assert match, f"{stage}: the command does not run `python -m pipeline.<module>`"
-    return PACKAGE / f"{match.group(1)}.py"
+    """The module its command runs: `python -m pipeline.stages.<stage> ...`."""
+    match = re.search(r"python -m pipeline\.stages\.(\w+)", body(stage)["cmd"])
+    assert match, f"{stage}: the command does not run `python -m pipeline.stages.<stage>`"
+    assert match.group(1) == stage, f"{stage}: runs the entry point of {match.group(1)}"
+    return PACKAGE / "stages" / f"{match.group(1)}.py"
 
 
 def relative(files: set[Path]) -> set[str]:
@@ -70,12 +71,19 @@ def test_other_deps_are_read_by_the_stage(stage):
             assert dep in body(stage)["cmd"], f"{stage}: {dep} is not on its command line"
 
 
-@pytest.mark.parametrize("module", sorted(f.name for f in PACKAGE.glob("*.py")))
+@pytest.mark.parametrize("module", sorted(f.relative_to(PACKAGE).as_posix()
+                                          for f in PACKAGE.rglob("*.py")))
 def test_no_module_imports_itself_through_another(module):
     """No import circle (lazy imports included): each module's deps end below it."""
     path = PACKAGE / module
     circles = sorted(dep.name for dep in direct_imports(path) if path in imported_closure(dep))
     assert not circles, f"{module} and {circles} import each other"
+
+
+def test_every_stage_entry_point_is_a_dvc_stage():
+    """pipeline/stages/ holds the entry points of dvc.yaml's stages, and nothing else."""
+    entries = {f.stem for f in (PACKAGE / "stages").glob("*.py")} - {"__init__"}
+    assert entries == set(STAGES)
 
 
 def test_package_markers_are_empty():

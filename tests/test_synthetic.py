@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline.corpora import CorpusError
-from pipeline.download import download_corpus
-from pipeline.ngram import NgramParams, build_ngram
+from pipeline.encoding import prepare_corpus
+from pipeline.fetch import download_corpus
+from pipeline.kneser_ney import NgramParams, build_ngram
 from pipeline.params import ParamsError, build
-from pipeline.prepare import prepare_corpus
 from pipeline.synthetic import SOURCE_FILE, SyntheticParams, TrigramSource
 from tests.conftest import PREPARE_PARAMS, download_params
 

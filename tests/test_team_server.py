@@ -296,7 +296,7 @@ def rerun_refused(repo: Path, env: dict, corpus: str, order: int, login: tuple |
     if login:
         env.update(MLFLOW_TRACKING_USERNAME=login[0], MLFLOW_TRACKING_PASSWORD=login[1])
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.ngram", "--corpus", corpus, "--order", str(order),
+        [sys.executable, "-m", "pipeline.stages.ngram", "--corpus", corpus, "--order", str(order),
          "--data", f"data/prepared/{corpus}", "--model", f"models/{corpus}/kn{order}.bin",
          "--metrics", str(metrics.relative_to(repo))],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300)

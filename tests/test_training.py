@@ -314,9 +314,9 @@ def test_cpu_precision_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatc
     import dataclasses
 
     from pipeline import precision
+    from pipeline.neural import precision_of
     from pipeline.params import load_section
     from pipeline.presets import TrainParams
-    from pipeline.train import precision_of
 
     monkeypatch.setattr(precision, "bf16_products", lambda device: units)
     params = load_section("train", TrainParams)

@@ -1,7 +1,5 @@
-"""Stage `sample`: text from every model of one corpus, side by side.
-
-    python -m pipeline.sample --corpus ptb --data data/prepared/ptb --models models/ptb \
-        --out reports/samples/ptb.md
+"""Text from every model of one corpus, side by side (the `sample` stage's work,
+pipeline/stages/sample.py).
 
 Every model continues the same prompt with the same seed and temperature.
 N-grams are sampled from KenLM's conditional distribution over the whole
@@ -11,22 +9,17 @@ at <s>); neural models from their softmax, with their state carried along.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
-from pipeline.atomic import write_json, write_text
-from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import EOS, PreparedCorpus, Vocabulary
-from pipeline.errors import run_stage
-from pipeline.lineup import is_ngram, models_of
-from pipeline.ngram import kenlm_word
-from pipeline.params import load_section, require
+from pipeline.kneser_ney import kenlm_word
+from pipeline.lineup import is_ngram
+from pipeline.params import require
 
 
 @dataclass(frozen=True)
@@ -146,27 +139,3 @@ def sample_corpus(corpus: str, data_dir: Path, models_dir: Path, models: list[st
     return {"corpus": corpus, "seed": params.seed, "temperature": params.temperature,
             "length": length, "prompt": params.prompt,
             "samples": {m: vocab.decode(prompt + ids) for m, ids in samples.items()}}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
-    parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--models", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="the Markdown report")
-    parser.add_argument("--out-json", required=True, type=Path, help="the same, as data")
-    args = parser.parse_args(argv)
-    params = load_section("sample", SampleParams)
-    models = models_of(args.corpus)
-    record = sample_corpus(args.corpus, args.data, args.models, models, params)
-    write_json(args.out_json, record)
-    write_text(args.out, render_markdown(record))
-    print(f"{args.corpus}: samples from {len(models)} models in {args.out}")
-    with tracking.model_run(args.corpus, "samples", "report", f"sample@{args.corpus}",
-                            asdict(params)) as run:
-        run.log_artifact(args.out)
-        run.log_artifact(args.out_json)
-
-
-if __name__ == "__main__":
-    run_stage(main)

@@ -1,6 +1,5 @@
-"""Stage `download`: fetch one corpus into data/raw/<corpus>/, verified.
-
-    python -m pipeline.download --corpus ptb --out data/raw/ptb
+"""Fetching one corpus into data/raw/<corpus>/, verified (the `download` stage's work,
+pipeline/stages/download.py).
 
 Order of sources: the mirror folder (env LMB_MIRROR, else params
 `download.mirror`), then the canonical URL. Everything is assembled in a
@@ -13,7 +12,6 @@ corpus is generated (pipeline/synthetic.py) and `custom` copied from
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -28,7 +26,6 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.corpora import (
-    CORPUS_NAMES,
     CUSTOM,
     CUSTOM_SINGLE_FILE,
     CUSTOM_SPLIT_FILES,
@@ -39,10 +36,9 @@ from pipeline.corpora import (
     get_corpus,
     sha256_of,
 )
-from pipeline.errors import UserError, run_stage
+from pipeline.errors import UserError
 from pipeline.longrange import LongRangeParams
 from pipeline.longrange import generate_corpus as generate_longrange
-from pipeline.params import load_section
 from pipeline.synthetic import SyntheticParams, generate_corpus
 
 MIRROR_ENV = "LMB_MIRROR"
@@ -234,15 +230,3 @@ def copy_custom(custom_path: str, out: Path) -> Path:
             raise DownloadError(f"download.custom_path {custom_path!r}: {src} does not exist "
                                 "(a relative path is relative to the repository root)")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
-    parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    download_corpus(args.corpus, args.out, load_section("download", DownloadParams))
-
-
-if __name__ == "__main__":
-    run_stage(main)

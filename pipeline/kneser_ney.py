@@ -1,7 +1,5 @@
-"""Stage `ngram`: a modified Kneser-Ney n-gram of one order on one corpus, via KenLM.
-
-    python -m pipeline.ngram --corpus ptb --order 5 --data data/prepared/ptb \
-        --model models/ptb/kn5.bin --metrics reports/metrics/ptb/kn5.json
+"""Modified Kneser-Ney n-grams via KenLM: build, score, and the token <-> KenLM word
+mapping every n-gram user shares (the `ngram` stage's work, pipeline/stages/ngram.py).
 
 lmplz estimates the model from the prepared training ids, build_binary converts
 the ARPA to KenLM's binary format, and the `kenlm` module scores valid and test
@@ -18,7 +16,6 @@ a smaller trie, optionally quantized, for models too large for a probing table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -30,14 +27,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import tracking
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import atomic_path
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
-from pipeline.errors import UserError, run_stage
+from pipeline.errors import UserError
 from pipeline.kenlm_tools import KENLM_VERSION, tool_path
 from pipeline.lineup import ngram_name
-from pipeline.params import load_section, require
+from pipeline.params import require
 from pipeline.perplexity import SplitScore
 
 EVAL_SPLITS = ("valid", "test")
@@ -234,35 +230,3 @@ def build_ngram(corpus: str, order: int, data_dir: Path, model_path: Path,
         score = score_split(model, data, split)
         metrics.update(score.metrics(split, level))
     return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
-    parser.add_argument("--order", required=True, type=int)
-    parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--metrics", required=True, type=Path)
-    args = parser.parse_args(argv)
-    params = load_section("ngram", NgramParams)
-    if not 2 <= args.order <= 6:
-        raise NgramError(f"--order must be 2..6 (what kenlm.Model loads), got {args.order}")
-    metrics = build_ngram(args.corpus, args.order, args.data, args.model, params)
-    # The metrics file is written before MLflow is touched: a broken store never
-    # costs the result.
-    write_json(args.metrics, metrics)
-    print(f"{args.corpus} {metrics['model']}: valid ppl {metrics['valid_ppl']:.2f}, "
-          f"test ppl {metrics['test_ppl']:.2f} ({metrics['test_tokens']} test tokens)")
-    run_params = {"order": args.order, "memory": params.memory,
-                  "discount_fallback": metrics["discount_fallback"],
-                  "prune": " ".join(map(str, metrics["prune"])) or "none",
-                  "binary": params.binary}
-    with tracking.model_run(args.corpus, metrics["model"], "ngram",
-                            f"ngram@{args.corpus}-{args.order}", run_params) as run:
-        run.log_metrics({k: v for k, v in metrics.items() if k.endswith(
-            ("_ppl", "_tokens", "_bpc", "_nll_nats", "seconds")) or k == "size"})
-        run.log_artifact(args.metrics)
-
-
-if __name__ == "__main__":
-    run_stage(main)

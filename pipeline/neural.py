@@ -1,49 +1,35 @@
-"""Stage `train`: one neural language model on one corpus, then its exact scores.
-
-    python -m pipeline.train --corpus ptb --model lstm2 --data data/prepared/ptb \
-        --checkpoints models/ptb/lstm2.ckpt --out models/ptb/lstm2.pt \
-        --metrics reports/metrics/ptb/lstm2.json --curve reports/curves/ptb/lstm2.json
+"""One neural language model's benchmark run on one corpus: check, train (or resume),
+publish the best checkpoint, score it (the `train` stage's work, pipeline/stages/train.py).
 
 The configuration is the preset `train.preset` resolved for this corpus and model
-(pipeline/presets.py; print it with `python -m pipeline.presets show ptb lstm2`);
-switch the whole pipeline with `dvc exp run -S train.preset=medium`.
-Checkpoints go to --checkpoints (kept across DVC runs, so a killed run resumes),
-the best one (by validation perplexity) is published as --out, and valid/test
-perplexity of that best model come from the one stream scorer. The metrics also
-record the figures that published protocols select (`protocols`: the last epoch's
-model, the best end-of-epoch validation point), for like-for-like comparisons.
-
-Data-parallel: `train.nproc: N` makes this stage relaunch itself as N ranks on
-this machine (torchrun --standalone); several machines run torchrun themselves
-with the same arguments (notes in pipeline/distributed.py). Rank 0 alone writes
-the outputs and the MLflow run; the other ranks train and exit.
+(pipeline/presets.py); the loop itself is pipeline/training.py. The best checkpoint (by
+validation perplexity) is published, and valid/test perplexity of that best model come
+from the one stream scorer. The metrics also record the figures that published protocols
+select (`protocols`: the last epoch's model, the best end-of-epoch validation point), for
+like-for-like comparisons. Under several ranks every rank trains and rank 0 alone
+publishes and scores.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import os
 import shutil
-import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pipeline import distributed, tracking
+from pipeline import distributed
 from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoints import load_checkpoint, load_model
-from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import DataError, PreparedCorpus
-from pipeline.errors import UserError, run_stage
-from pipeline.hostmemory import reuse_freed_memory
-from pipeline.networks import KINDS, LanguageModel
-from pipeline.params import ParamsError, load_section
+from pipeline.errors import UserError
+from pipeline.networks import LanguageModel
+from pipeline.params import ParamsError
 from pipeline.perplexity import SplitScore, score_stream, scoring_setup
 from pipeline.precision import LABELS, training_precision
 from pipeline.presets import TrainParams
-from pipeline.training import Runtime, Splits, TrainingInterrupted, train_model
+from pipeline.training import Runtime, Splits, train_model
 
 DESCRIPTIONS = {
     "window": "fixed-window neural LM (Bengio et al. 2003)",
@@ -173,59 +159,123 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
                     world: distributed.World = distributed.SINGLE) -> dict | None:
     """Train (or resume) `model` on `corpus`, publish its best checkpoint, return metrics.
     Under several ranks (`world`) every rank trains; rank 0 alone publishes, scores and
-    returns the metrics, the others return None."""
+    returns the metrics, the others return None. `run`: the MLflow run the curve goes to."""
     data = PreparedCorpus(data_dir)
-    vocab = data.vocabulary()
-    if vocab.eos_id != 0:  # the window model's start context is id 0 (see networks.py)
-        raise DataError(f"{data_dir}: <eos> must be token id 0 (rerun prepare)")
-    spec = params.spec(corpus, model)
-    check_ranks(params, corpus, model, world.size)
-    device = distributed.rank_device(pick_device(params.device), world.local_rank) \
-        if world.distributed else pick_device(params.device)
-    logged = 0  # curve points already logged to this MLflow run
+    runtime = checked_runtime(corpus, model, data, params, world=world,
+                              checkpoints=checkpoints, on_eval=CurveLog(curve, run))
+    result = train(corpus, model, data, params, runtime)
+    if not world.is_main:
+        return None
+    runtime.on_eval(result["history"])  # a run found finished: its curve, logged and written
+    with atomic_path(out) as tmp:  # publish
+        shutil.copyfile(checkpoints / "best.pt", tmp)
+    return score(corpus, model, data, params, runtime=runtime, result=result, published=out)
 
-    def on_eval(history: list[dict]) -> None:
+
+class CurveLog:
+    """on_eval: the learning curve so far, each new point logged to the MLflow run `run`
+    (None: no run) and the whole curve written to `curve` (DVC plots)."""
+
+    def __init__(self, curve: Path, run=None) -> None:
+        self.curve, self.run = curve, run
+        self.logged = 0  # curve points already logged to this MLflow run
+
+    def __call__(self, history: list[dict]) -> None:
         # "curve_" names keep the curve apart from the final (best-checkpoint) scores;
         # the step is the number of training tokens seen, the fair axis across models.
         # A resumed run logs the points from before the resume too (a new MLflow run).
-        nonlocal logged
-        for record in history[logged:]:
-            if run is not None:
-                run.log_metrics({f"curve_{k}": v for k, v in record.items() if k != "tokens"},
-                                step=record["tokens"])
-        logged = len(history)
-        write_json(curve, history)  # DVC plots: the learning curve so far
+        for record in history[self.logged:]:
+            if self.run is not None:
+                self.run.log_metrics({f"curve_{k}": v for k, v in record.items()
+                                      if k != "tokens"}, step=record["tokens"])
+        self.logged = len(history)
+        write_json(self.curve, history)  # DVC plots: the learning curve so far
 
+
+def checked_runtime(corpus: str, model: str, data: PreparedCorpus, params: TrainParams, *,
+                    world: distributed.World, checkpoints: Path,
+                    on_eval: Callable[[list[dict]], None]) -> Runtime:
+    """How this run executes (device, precision, CUDA graphs, ranks), after checking what
+    would fail later: <eos> at id 0, the columns split evenly across ranks, and enough
+    training tokens for the batch. A UserError naming the key otherwise."""
+    vocab = data.vocabulary()
+    if vocab.eos_id != 0:  # the window model's start context is id 0 (see networks.py)
+        raise DataError(f"{data.folder}: <eos> must be token id 0 (rerun prepare)")
+    check_ranks(params, corpus, model, world.size)
+    device = distributed.rank_device(pick_device(params.device), world.local_rank) \
+        if world.distributed else pick_device(params.device)
     precision = precision_of(device, params, model)
     graphs = params.cuda_graphs and device.startswith("cuda") and not world.distributed
     # in the resume fingerprint: a run never continues in another precision or step
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus,
              "precision": LABELS[precision], **({"step": "cuda graph"} if graphs else {})}
-    batch_size, train_tokens = spec.training.batch_size, len(data.ids("train"))
+    batch_size = params.spec(corpus, model).training.batch_size
+    train_tokens = len(data.ids("train"))
     if train_tokens < batch_size + 1:
         where = params.resolve(corpus, model)["batch_size"][1]
         raise ParamsError(f"{where}.batch_size: {batch_size} columns need at least "
                           f"{batch_size + 1} training tokens, {corpus}'s train split has "
                           f"{train_tokens} (a corpora.{corpus} entry changes only this corpus)")
+    return Runtime(checkpoint_dir=checkpoints, device=device, precision=precision,
+                   graphs=graphs, eval_chunk=params.eval_chunk,
+                   checkpoint_every_s=params.checkpoint_every_s, extra=extra,
+                   on_eval=on_eval, world=world)
+
+
+def train(corpus: str, model: str, data: PreparedCorpus, params: TrainParams,
+          runtime: Runtime) -> dict:
+    """train_model's summary of this corpus and model (every rank); running out of
+    memory becomes OutOfMemory naming the key to lower."""
+    world, vocab = runtime.world, data.vocabulary()
+    spec = params.spec(corpus, model)
     ranks = f" x {world.size} ranks" if world.distributed else ""
     if world.is_main:
-        print(f"{corpus} {model}: training on {device}{ranks} ({params.preset} preset)",
-              flush=True)
-    with out_of_memory_advice(corpus, model, device, params):
-        result = train_model(
-            dataclasses.replace(spec, network=spec.for_vocabulary(len(vocab))),
-            Splits(train=data.ids("train"), valid=data.ids("valid"), eos_id=vocab.eos_id),
-            Runtime(checkpoint_dir=checkpoints, device=device, precision=precision,
-                    graphs=graphs, eval_chunk=params.eval_chunk,
-                    checkpoint_every_s=params.checkpoint_every_s, extra=extra,
-                    on_eval=on_eval, world=world))
-    if not world.is_main:
-        return None
-    history = result["history"]
-    on_eval(history)  # a run found finished: its curve, logged and written
-    with atomic_path(out) as tmp:
-        shutil.copyfile(checkpoints / "best.pt", tmp)
-    metrics: dict = {
+        print(f"{corpus} {model}: training on {runtime.device}{ranks} ({params.preset} "
+              "preset)", flush=True)
+    sized = dataclasses.replace(spec, network=spec.for_vocabulary(len(vocab)))
+    splits = Splits(train=data.ids("train"), valid=data.ids("valid"), eos_id=vocab.eos_id)
+    with out_of_memory_advice(corpus, model, runtime.device, params):
+        return train_model(sized, splits, runtime)
+
+
+def score(corpus: str, model: str, data: PreparedCorpus, params: TrainParams, *,
+          runtime: Runtime, result: dict, published: Path) -> dict:
+    """The metrics of a finished run: its record (`describe`), the whole valid and test
+    splits scored under the published best weights, and the protocols' figures."""
+    vocab, device, history = data.vocabulary(), runtime.device, result["history"]
+    metrics = describe(corpus, model, data, params, runtime=runtime, result=result)
+    best = load_model(published, device, vocab.digest())
+    chosen = load_checkpoint(published).get("valid_score")  # valid, scored when chosen
+    for split in ("valid", "test"):
+        if split == "valid" and chosen is not None and \
+                chosen["setup"] == scoring_setup(params.eval_chunk, device):
+            # the same weights under the same scoring setup give the same number: not
+            # scored twice (a finished run found under another scorer or machine is)
+            split_score = SplitScore(chosen["nll"], chosen["tokens"])
+        else:
+            with out_of_memory_advice(corpus, model, device, params, scoring=True):
+                split_score = score_stream(best, data.ids(split), params.eval_chunk,
+                                           vocab.eos_id, device)
+        expected = data.meta["tokens_per_split"][split]
+        if split_score.tokens != expected:
+            raise RuntimeError(f"scored {split_score.tokens} tokens of {split}, prepare "
+                               f"counted {expected}")
+        metrics.update(split_score.metrics(split, vocab.level))
+    network = params.spec(corpus, model).for_vocabulary(len(vocab))
+    with out_of_memory_advice(corpus, model, device, params, scoring=True):
+        metrics["protocols"] = protocol_scores(
+            history, result["plan"]["steps_per_epoch"], result["best_step"], metrics["test_ppl"],
+            lambda: final_test_ppl(runtime.checkpoint_dir / "last.pt", network,
+                                   history[-1]["step"], data.ids("test"), metrics["test_tokens"],
+                                   params.eval_chunk, vocab.eos_id, device))
+    return metrics
+
+
+def describe(corpus: str, model: str, data: PreparedCorpus, params: TrainParams, *,
+             runtime: Runtime, result: dict) -> dict:
+    """What the metrics file says of the run besides its scores (the keys in file order)."""
+    vocab, history, world = data.vocabulary(), result["history"], runtime.world
+    return {
         "corpus": corpus,
         "model": model,
         "family": "neural",
@@ -235,103 +285,17 @@ def train_and_score(corpus: str, model: str, data_dir: Path, checkpoints: Path, 
         "size_unit": "parameters",
         "train_seconds": round(result["seconds"], 1),
         "tokens_per_s": round(result["tokens"] / result["seconds"], 1),
-        "device": device,
-        "precision": f"training {extra['precision']}, scoring fp32",
-        **({"step": extra["step"]} if graphs else {}),
+        "device": runtime.device,
+        "precision": f"training {runtime.extra['precision']}, scoring fp32",
+        **({"step": runtime.extra["step"]} if runtime.graphs else {}),
         "train_tokens": result["tokens"],
         "epochs": result["epochs"],
         "best_step": result["best_step"],
         "best_epoch": next(r["epoch"] for r in history if r["step"] == result["best_step"]),
         "preset": params.preset,
-        "config": spec.flat(),
+        "config": params.spec(corpus, model).flat(),
         "scoring": "one stream per split, state carried across chunks",
         "vocab_size": len(vocab),
         "vocab_digest": vocab.digest(),
         **({"ranks": world.size} if world.distributed else {}),
     }
-    best = load_model(out, device, vocab.digest())
-    chosen = load_checkpoint(out).get("valid_score")  # valid, scored when best.pt was chosen
-    for split in ("valid", "test"):
-        if split == "valid" and chosen is not None and \
-                chosen["setup"] == scoring_setup(params.eval_chunk, device):
-            # the same weights under the same scoring setup give the same number: not
-            # scored twice (a finished run found under another scorer or machine is)
-            score = SplitScore(chosen["nll"], chosen["tokens"])
-        else:
-            with out_of_memory_advice(corpus, model, device, params, scoring=True):
-                score = score_stream(best, data.ids(split), params.eval_chunk, vocab.eos_id,
-                                     device)
-        expected = data.meta["tokens_per_split"][split]
-        if score.tokens != expected:
-            raise RuntimeError(f"scored {score.tokens} tokens of {split}, prepare counted "
-                               f"{expected}")
-        metrics.update(score.metrics(split, vocab.level))
-    with out_of_memory_advice(corpus, model, device, params, scoring=True):
-        metrics["protocols"] = protocol_scores(
-            history, result["plan"]["steps_per_epoch"], result["best_step"], metrics["test_ppl"],
-            lambda: final_test_ppl(checkpoints / "last.pt", spec.for_vocabulary(len(vocab)),
-                                   history[-1]["step"], data.ids("test"), metrics["test_tokens"],
-                                   params.eval_chunk, vocab.eos_id, device))
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
-    parser.add_argument("--model", required=True, choices=KINDS)
-    parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--checkpoints", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--metrics", required=True, type=Path)
-    parser.add_argument("--curve", required=True, type=Path)
-    parser.add_argument("--preset", help="another preset than train.preset (reproductions "
-                        "outside the pipeline's matrix; see the Makefile)")
-    args = parser.parse_args(argv)
-    params = load_section("train", TrainParams)
-    if args.preset:
-        params = dataclasses.replace(params, preset=args.preset)
-        params.validate("train")
-    if params.nproc > 1 and not distributed.launched():
-        check_ranks(params, args.corpus, args.model, params.nproc)  # one line, not N
-        precision_of(pick_device(params.device), params, args.model)  # likewise
-        command = distributed.torchrun_command(
-            params.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
-        print(f"train.nproc {params.nproc}: {' '.join(command)}", flush=True)
-        os.execv(command[0], command)  # the stage becomes torchrun (DVC waits on it)
-    reuse_freed_memory()  # faster on CPU, the same numbers (pipeline/hostmemory.py)
-    try:
-        with distributed.initialised(pick_device(params.device)) as world:
-            if world.is_main:
-                _train_and_publish(args, params, world)
-            else:  # the other ranks only train: no outputs, no MLflow run
-                train_and_score(args.corpus, args.model, args.data, args.checkpoints,
-                                args.out, args.curve, params, world=world)
-    except TrainingInterrupted as exc:
-        if int(os.environ.get("RANK", 0)) == 0:  # one message, not one per rank
-            print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun `dvc repro` to "
-                  "resume from there", file=sys.stderr)
-        sys.exit(exc.exit_code)
-
-
-def _train_and_publish(args: argparse.Namespace, params: TrainParams,
-                       world: distributed.World) -> None:
-    """Rank 0 (or the one process): train in an MLflow run, write the metrics."""
-    spec = params.spec(args.corpus, args.model)
-    with tracking.model_run(args.corpus, args.model, "neural",
-                            f"train@{args.corpus}-{args.model}", spec.flat(),
-                            preset=params.preset) as run:
-        metrics = train_and_score(args.corpus, args.model, args.data, args.checkpoints,
-                                  args.out, args.curve, params, run, world)
-        # written before the final MLflow calls: a broken store never costs the result
-        write_json(args.metrics, metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if k.startswith(("valid_", "test_"))
-                         or k in ("size", "train_seconds", "tokens_per_s", "train_tokens")})
-        run.log_artifact(args.metrics)
-    print(f"{args.corpus} {args.model}: valid ppl {metrics['valid_ppl']:.2f}, "
-          f"test ppl {metrics['test_ppl']:.2f} ({metrics['epochs']:g} epochs, "
-          f"{metrics['train_tokens']:,} tokens, {metrics['train_seconds']:.0f} s on "
-          f"{metrics['device']})")
-
-
-if __name__ == "__main__":
-    run_stage(main)

@@ -1,7 +1,5 @@
-"""Stage `analyse`: what the trained recurrent models learned to carry, measured.
-
-    python -m pipeline.analyse --corpus ptb --data data/prepared/ptb --models models/ptb \
-        --out reports/analysis/ptb
+"""What the trained recurrent models learned to carry, measured (the `analyse` stage's
+work, pipeline/stages/analyse.py).
 
 For every neural model of the corpus, on the `analyse.split` split:
 
@@ -19,26 +17,21 @@ Runs on the CPU: every analysis here takes seconds per model.
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import tracking
-from pipeline.atomic import atomic_path, write_json
 from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.context import context_use
-from pipeline.corpora import CORPUS_NAMES
 from pipeline.dataset import PreparedCorpus
-from pipeline.errors import UserError, run_stage
+from pipeline.errors import UserError
 from pipeline.gradients import gradient_flow
-from pipeline.hostmemory import reuse_freed_memory
-from pipeline.lineup import is_ngram, models_of
+from pipeline.lineup import is_ngram
 from pipeline.networks import LanguageModel, NetworkConfig
-from pipeline.params import load_section, require
+from pipeline.params import require
 from pipeline.recall import dependency_losses
 
 RECURRENT = ("rnn", "gru", "lstm", "lstm2")
@@ -158,34 +151,3 @@ def metrics_of(results: dict) -> dict[str, float]:
         if gaps.get("carried_gap") is not None:
             flat[f"{model}_carried_gap"] = gaps["carried_gap"]
     return flat
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
-    parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--models", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="folder for the JSON files")
-    args = parser.parse_args(argv)
-    params = load_section("analyse", AnalyseParams)
-    reuse_freed_memory()  # the same numbers, fewer page faults (pipeline/hostmemory.py)
-    results = analyse_corpus(args.corpus, args.data, args.models,
-                             models_of(args.corpus), params)
-    names = [name for name in ("gradients", "context", "dependencies") if name in results]
-    with atomic_path(args.out, directory=True) as staging:  # all files or none
-        for name in names:
-            # gradients, context: {"models": {model: ...}}; dependencies: already a record
-            body = results[name] if name == "dependencies" else {"models": results[name]}
-            write_json(staging / f"{name}.json", {"corpus": args.corpus,
-                                                  "split": params.split, **body})
-    files = [args.out / f"{name}.json" for name in names]
-    print(f"{args.corpus}: wrote {', '.join(str(p) for p in files)}")
-    with tracking.model_run(args.corpus, "analysis", "report", f"analyse@{args.corpus}",
-                            asdict(params)) as run:
-        run.log_metrics(metrics_of(results))
-        for path in files:
-            run.log_artifact(path)
-
-
-if __name__ == "__main__":
-    run_stage(main)

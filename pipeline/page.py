@@ -1,229 +1,36 @@
-"""Stage `report`: plots and a self-contained HTML page over the leaderboard.
+"""The report's self-contained HTML page over the leaderboard (the `report` stage's work,
+pipeline/stages/report.py).
 
-    python -m pipeline.report --leaderboard reports/leaderboard.csv \
-        --curves reports/curves --samples reports/samples \
-        --plots reports/plots --html reports/leaderboard.html
-
-Per corpus: learning curves (validation perplexity against training tokens seen,
-the axis that is fair across models, and against training wall time, one line per
-neural model), test perplexity against model size, perplexity against n-gram
-order; across corpora: ours against the published references whose configuration
-our row ran (pipeline/references.py decides; the others are context, in the tables).
-The HTML page embeds every plot and sample (base64 PNG, inline CSS) so it opens
-offline, and links to the Markdown sample reports. Everything is also logged as
-artifacts of an MLflow run `summary/leaderboard`.
+The page embeds every plot (pipeline/plots.py) and sample (base64 PNG, inline CSS) so it
+opens offline, and links to the Markdown sample reports; per corpus it adds what the
+models carry (the analyse stage's results) in sentences and tables.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
-
-from pipeline import tracking  # noqa: E402
-from pipeline.atomic import atomic_path, write_text  # noqa: E402
-from pipeline.errors import run_stage  # noqa: E402
-from pipeline.leaderboard import SCORING_NOTE, floor_note, reference_cells  # noqa: E402
-from pipeline.lineup import is_ngram  # noqa: E402
-from pipeline.references import REFERENCES_NOTE, protocols_note  # noqa: E402
-
-
-def _count(value: float) -> str:
-    """A count as 300k, 2M, 1.5G."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:g}{unit}"
-    return f"{value:g}"
-
-
-def _size_labels(axis) -> None:
-    """Label an axis of counts 300k, 2M, ... (major ticks only)."""
-    axis.set_major_formatter(FuncFormatter(lambda v, _: _count(v)))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _plain_log_labels(axis) -> None:
-    """Label a log axis 200, 300, ... instead of 2x10^2."""
-    label = FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_formatter(label)
-    axis.set_minor_formatter(label)
-
-
-def _draw_floor(ax, table: pd.DataFrame) -> None:
-    """The best achievable perplexity, for a corpus from a known source."""
-    floor = table["floor_ppl"].iloc[0] if "floor_ppl" in table else None
-    if floor is not None and pd.notna(floor):
-        ax.axhline(floor, color="black", linestyle=":", label=f"floor (source entropy) {floor:.2f}")
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def load_curves(curves_dir: Path, corpus: str, models: list[str]) -> dict[str, pd.DataFrame]:
-    curves = {}
-    for model in models:
-        path = curves_dir / corpus / f"{model}.json"
-        if path.exists():
-            curves[model] = pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
-    return curves
-
-
-def plot_curves(corpus: str, curves: dict[str, pd.DataFrame], table: pd.DataFrame):
-    """Validation perplexity against training tokens seen (left) and training minutes
-    (right), one line per neural model; the best n-gram as a dashed line."""
-    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for model, curve in curves.items():
-        by_tokens.plot(curve["tokens"], curve["valid_ppl"], marker="o", markersize=3,
-                       label=model)
-        by_time.plot(curve["elapsed_s"] / 60, curve["valid_ppl"], marker="o", markersize=3,
-                     label=model)
-    ngrams = table[table["model"].map(is_ngram)]
-    if len(ngrams):
-        best = ngrams.loc[ngrams["valid_ppl"].idxmin()]
-        for ax in (by_tokens, by_time):
-            ax.axhline(best["valid_ppl"], color="grey", linestyle="--",
-                       label=f"{best['model']} (no training curve)")
-    for ax in (by_tokens, by_time):
-        _draw_floor(ax, table)
-    by_tokens.set(xlabel="training tokens seen", ylabel="validation perplexity", yscale="log",
-                  title=f"{corpus}: learning curves", xlim=(0, None))
-    by_time.set(xlabel="training time (minutes)", title=f"{corpus}: against wall time",
-                xlim=(0, None))
-    by_tokens.legend(fontsize="small")
-    _size_labels(by_tokens.xaxis)
-    by_time.ticklabel_format(axis="x", useOffset=False)
-    _plain_log_labels(by_tokens.yaxis)
-    for ax in (by_tokens, by_time):
-        ax.grid(alpha=0.3, which="both")
-    return fig
-
-
-def plot_size(corpus: str, table: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for family, marker in (("ngram", "s"), ("neural", "o")):
-        rows = table[table["model"].map(is_ngram) == (family == "ngram")]
-        ax.scatter(rows["size"], rows["test_ppl"], marker=marker, s=40,
-                   label="n-grams (size = n-gram entries)" if family == "ngram"
-                   else "neural (size = parameters)")
-        for row in rows.itertuples():
-            ax.annotate(row.model, (row.size, row.test_ppl), textcoords="offset points",
-                        xytext=(4, 4), fontsize="small")
-    _draw_floor(ax, table)
-    ax.set(xscale="log", xlabel="model size", ylabel="test perplexity",
-           title=f"{corpus}: test perplexity against size")
-    _size_labels(ax.xaxis)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3, which="both")
-    return fig
-
-
-def plot_orders(corpus: str, table: pd.DataFrame):
-    rows = table[table["model"].map(is_ngram)].copy()
-    rows["order"] = rows["model"].str[2:].astype(int)
-    rows = rows.sort_values("order")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rows["order"], rows["valid_ppl"], marker="o", label="valid")
-    ax.plot(rows["order"], rows["test_ppl"], marker="s", label="test")
-    _draw_floor(ax, table)
-    ax.set(xlabel="n-gram order", ylabel="perplexity", xticks=list(rows["order"]),
-           title=f"{corpus}: Kneser-Ney perplexity against order")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def comparable(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows that ran a published configuration, with its test perplexity."""
-    match = table["ref_match"].fillna(False).astype(bool) if "ref_match" in table else False
-    return table[match & table["ref_test_ppl"].notna()]
-
-
-def plot_published(table: pd.DataFrame):
-    """Ours (under each reference's selection protocol) against published test perplexity,
-    matching rows only (see comparable)."""
-    rows = comparable(table)
-    fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(rows), 1) + 1.5))
-    labels = [f"{r.corpus}/{r.model}" for r in rows.itertuples()]
-    y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], rows["protocol_test_ppl"], height=0.4,
-            label="ours (the reference's protocol)")
-    ax.barh([i - 0.2 for i in y], rows["ref_test_ppl"], height=0.4, label="published")
-    ax.set_yticks(list(y), labels)
-    ax.set(xlabel="test perplexity",
-           title="ours against published references (same configuration only)")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="x")
-    return fig
-
-
-# --- what the models carry: the analyse stage's results (pipeline/analyse.py) -----------
-
-
-def load_analysis(folder: Path) -> dict[str, dict]:
-    """name -> record of reports/analysis/<corpus>/*.json ({} when absent)."""
-    if not folder.is_dir():
-        return {}
-    return {p.stem: json.loads(p.read_text(encoding="utf-8"))
-            for p in sorted(folder.glob("*.json"))}
-
-
-def plot_gradients(corpus: str, flows: dict[str, dict]):
-    """g(k) / g(0) on a log scale, trained (solid) and at initialisation (dotted)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (model, phases) in enumerate(flows.items()):
-        for phase, style in (("trained", "-"), ("init", ":")):
-            flow = phases[phase]
-            g = np.asarray(flow["mean_norm"])
-            shown = g > 0  # underflow to 0 has no place on a log axis
-            ax.plot(np.asarray(flow["distances"])[shown], g[shown] / g[0], style, color=f"C{i}",
-                    label=f"{model} {phase} (x{flow['decay_factor']:.3f} per step)")
-    fall = next(iter(flows.values()))["trained"]["fall"]
-    ax.axhline(fall, color="grey", linestyle="--", linewidth=0.8)
-    ax.set(yscale="log", xlabel="distance k (steps before the predicted position)",
-           ylabel="||dL/d state||, relative to k = 0",
-           title=f"{corpus}: gradient flow over distance")
-    ax.legend(fontsize="x-small", ncol=2)
-    ax.grid(alpha=0.3, which="both")
-    return fig
-
-
-def plot_context(corpus: str, uses: dict[str, dict], table: pd.DataFrame):
-    """Perplexity against context length; carried state dotted; n-grams at n - 1."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (model, use) in enumerate(uses.items()):
-        ax.plot(use["lengths"], use["ppl"], marker="o", markersize=3, color=f"C{i}",
-                label=f"{model} (carried {use['carried_ppl']:.1f})")
-        ax.axhline(use["carried_ppl"], color=f"C{i}", linestyle=":", linewidth=0.8)
-    ngrams = table[table["model"].map(is_ngram)]
-    orders = ngrams["model"].str[2:].astype(int)
-    ax.scatter(orders - 1, ngrams["valid_ppl"], marker="s", color="black", zorder=3,
-               label="n-grams at n-1 tokens (whole split)")
-    for row, order in zip(ngrams.itertuples(), orders, strict=True):
-        ax.annotate(row.model, (order - 1, row.valid_ppl), textcoords="offset points",
-                    xytext=(4, 4), fontsize="x-small")
-    ax.set(xscale="log", yscale="log", xlabel="context k (tokens read after a state reset)",
-           ylabel="perplexity of the targets", title=f"{corpus}: context actually used")
-    lengths = next(iter(uses.values()))["lengths"]
-    ax.set_xticks(lengths, [str(k) for k in lengths])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    _plain_log_labels(ax.yaxis)
-    ax.legend(fontsize="x-small")
-    ax.grid(alpha=0.3, which="both")
-    return fig
+from pipeline.atomic import atomic_path, write_text
+from pipeline.leaderboard_table import SCORING_NOTE, floor_note, reference_cells
+from pipeline.lineup import is_ngram
+from pipeline.plots import (
+    comparable,
+    load_analysis,
+    load_curves,
+    plot_context,
+    plot_curves,
+    plot_gradients,
+    plot_orders,
+    plot_published,
+    plot_size,
+    save,
+)
+from pipeline.references import REFERENCES_NOTE, protocols_note
 
 
 def _reach(flow: dict) -> str:
@@ -300,12 +107,12 @@ def analysis_section(corpus: str, records: dict[str, dict], curves: dict[str, pd
     parts: list[str] = []
     made: list[Path] = []
     if records.get("gradients", {}).get("models"):
-        made.append(_save(plot_gradients(corpus, records["gradients"]["models"]),
+        made.append(save(plot_gradients(corpus, records["gradients"]["models"]),
                           staging / f"{corpus}-gradients.png"))
         parts += [_img(made[-1], "gradient flow"),
                   f"<p>{html.escape(gradients_sentence(records['gradients']))}</p>"]
     if records.get("context", {}).get("models"):
-        made.append(_save(plot_context(corpus, records["context"]["models"], table),
+        made.append(save(plot_context(corpus, records["context"]["models"], table),
                           staging / f"{corpus}-context.png"))
         parts += [_img(made[-1], "context use"),
                   f"<p>{html.escape(context_sentence(records['context']))}</p>"]
@@ -444,11 +251,11 @@ def make_report(leaderboard: Path, curves_dir: Path, samples_dir: Path, plots_di
             curves = load_curves(curves_dir, corpus, neural)
             made = []
             if curves:
-                made.append(_save(plot_curves(corpus, curves, group),
+                made.append(save(plot_curves(corpus, curves, group),
                                   staging / f"{corpus}-curves.png"))
-            made.append(_save(plot_size(corpus, group), staging / f"{corpus}-size.png"))
+            made.append(save(plot_size(corpus, group), staging / f"{corpus}-size.png"))
             if group["model"].map(is_ngram).sum() > 1:
-                made.append(_save(plot_orders(corpus, group), staging / f"{corpus}-orders.png"))
+                made.append(save(plot_orders(corpus, group), staging / f"{corpus}-orders.png"))
             plots[corpus] = made
             if analysis_dir is not None:
                 analyses[corpus] = load_analysis(analysis_dir / corpus)
@@ -458,35 +265,9 @@ def make_report(leaderboard: Path, curves_dir: Path, samples_dir: Path, plots_di
             sample_file = samples_dir / f"{corpus}.json"
             if sample_file.exists():
                 samples[corpus] = json.loads(sample_file.read_text(encoding="utf-8"))
-        published = (_save(plot_published(table), staging / "published.png")
+        published = (save(plot_published(table), staging / "published.png")
                      if len(comparable(table)) else None)
         write_text(out_html, render_html(table, plots, samples, published, analysis,
                                          summary_table(analyses)))
     # the plots now live in plots_dir
     return {c: [plots_dir / p.name for p in ps] for c, ps in plots.items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--leaderboard", required=True, type=Path)
-    parser.add_argument("--curves", required=True, type=Path)
-    parser.add_argument("--samples", required=True, type=Path)
-    parser.add_argument("--plots", required=True, type=Path)
-    parser.add_argument("--html", required=True, type=Path)
-    parser.add_argument("--analysis", type=Path, help="reports/analysis (the analyse stage)")
-    args = parser.parse_args(argv)
-    plots = make_report(args.leaderboard, args.curves, args.samples, args.plots, args.html,
-                        args.analysis)
-    print(f"wrote {args.html} and {sum(len(p) for p in plots.values()) + 1} plots in {args.plots}")
-    with tracking.model_run(tracking.SUMMARY_EXPERIMENT, "leaderboard", "report", "report",
-                            {}) as run:
-        run.log_artifact(args.html)
-        run.log_artifact(args.leaderboard)
-        for path in sorted(args.plots.glob("*.png")):
-            run.log_artifact(path, "plots")
-        for path in sorted(args.samples.glob("*.md")):
-            run.log_artifact(path, "samples")
-
-
-if __name__ == "__main__":
-    run_stage(main)

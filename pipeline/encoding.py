@@ -1,6 +1,5 @@
-"""Stage `prepare`: tokenize one corpus into the shared on-disk format.
-
-    python -m pipeline.prepare --corpus ptb --raw data/raw/ptb --out data/prepared/ptb
+"""Tokenizing one corpus into the shared on-disk format (the `prepare` stage's work,
+pipeline/stages/prepare.py).
 
 The vocabulary comes from the training split alone: every train token seen at
 least `min_count` times, plus <unk> and <eos>. Valid/test tokens outside it
@@ -15,7 +14,6 @@ pass that writes ids a chunk at a time): what it holds is the vocabulary's count
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -28,7 +26,6 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.corpora import (
-    CORPUS_NAMES,
     CUSTOM,
     SPLITS,
     CorpusError,
@@ -41,8 +38,7 @@ from pipeline.corpora import (
     is_blank,
 )
 from pipeline.dataset import EOS, UNK, id_dtype, split_path, write_vocab
-from pipeline.errors import run_stage
-from pipeline.params import load_section, require
+from pipeline.params import require
 from pipeline.synthetic import SOURCE_FILE
 
 
@@ -234,16 +230,3 @@ def known_source(path: Path, meta: dict) -> dict:
             "ppl_per_split": {s: source["splits"][s]["ppl"] for s in SPLITS},
             # longrange: where the dependent positions are and their floor
             **({"dependencies": source["dependencies"]} if "dependencies" in source else {})}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, choices=CORPUS_NAMES)
-    parser.add_argument("--raw", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args(argv)
-    prepare_corpus(args.corpus, args.raw, args.out, load_section("prepare", PrepareParams))
-
-
-if __name__ == "__main__":
-    run_stage(main)

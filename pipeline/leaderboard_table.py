@@ -1,8 +1,6 @@
-"""Stage `leaderboard`: every model's metrics file -> one table per corpus.
-
-    python -m pipeline.leaderboard --metrics-dir reports/metrics --prepared data/prepared \
-        --out-md reports/leaderboard.md --out-csv reports/leaderboard.csv \
-        --out-json reports/leaderboard.json
+"""The leaderboard table: every model's metrics file -> one table per corpus, with its
+references, floors and renderings (the `leaderboard` stage's work,
+pipeline/stages/leaderboard.py; the report stage renders the same cells).
 
 Which rows exist is decided by the params that decide which models are built
 (`corpora`, `ngram.orders`, `train.models`): a metrics file left behind by a model no longer
@@ -22,13 +20,12 @@ published figure is context with the reason it is not comparable.
 The committed reproductions (reports/reproductions/<run>/metrics.json, written by
 `make reproduce-small` and the like, outside the DVC pipeline) get the same table:
 
-    python -m pipeline.leaderboard --reproductions reports/reproductions \
+    python -m pipeline.stages.leaderboard --reproductions reports/reproductions \
         --out-md reports/reproductions/leaderboard.md
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -36,8 +33,7 @@ import pandas as pd
 
 from pipeline.atomic import write_json, write_text
 from pipeline.dataset import PreparedCorpus
-from pipeline.errors import UserError, run_stage
-from pipeline.lineup import configured_models
+from pipeline.errors import UserError
 from pipeline.references import ONE_MODEL, REFERENCES_NOTE, compare, protocols_note
 
 COLUMNS = [
@@ -279,32 +275,3 @@ def make_reproductions(folder: Path, out_md: Path) -> pd.DataFrame:
     table = build_table(metrics, keep=("run",))
     write_text(out_md, render_markdown(table, "Reproductions (committed)", REPRODUCTIONS_INTRO))
     return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--metrics-dir", type=Path)
-    parser.add_argument("--prepared", type=Path)
-    parser.add_argument("--out-md", required=True, type=Path)
-    parser.add_argument("--out-csv", type=Path)
-    parser.add_argument("--out-json", type=Path)
-    parser.add_argument("--reproductions", type=Path, help="instead: the committed "
-                        "reproductions (<folder>/<run>/metrics.json) to --out-md")
-    args = parser.parse_args(argv)
-    if args.reproductions:
-        table = make_reproductions(args.reproductions, args.out_md)
-        print(table[["run", "model", "test_ppl", "protocol_test_ppl", "test_ppl_minus_ref"]]
-              .to_string(index=False))
-        return
-    missing = [f"--{k.replace('_', '-')}" for k in ("metrics_dir", "prepared", "out_csv",
-                                                     "out_json") if getattr(args, k) is None]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
-    table = make_leaderboard(args.metrics_dir, args.prepared, configured_models(), args.out_md,
-                             args.out_csv, args.out_json)
-    print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]
-          .to_string(index=False))
-
-
-if __name__ == "__main__":
-    run_stage(main)
