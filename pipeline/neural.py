@@ -85,11 +85,10 @@ def out_of_memory_advice(corpus: str, model: str, device: str, params: TrainPara
                 f"{device} ran out of memory scoring {corpus}/{model} with eval_chunk "
                 f"{params.eval_chunk}: lower train.eval_chunk (tokens per scoring pass; the "
                 f"perplexity does not depend on it). {said}") from None
-        spec = params.spec(corpus, model)
-        where = params.resolve(corpus, model)["batch_size"][1]
+        batch_size, key = batch_size_of(params, corpus, model)
         raise OutOfMemory(
             f"{device} ran out of memory training {corpus}/{model} with batch_size "
-            f"{spec.training.batch_size}: lower {where}.batch_size (or bptt / hidden_size; "
+            f"{batch_size}: lower {key} (or bptt / hidden_size; "
             f"a corpora.{corpus} entry changes only this corpus). {said}"
         ) from None
 
@@ -100,12 +99,18 @@ def _raised_in(exc: BaseException, function: str) -> bool:
         exc.__traceback__))
 
 
+def batch_size_of(params: TrainParams, corpus: str, model: str) -> tuple[int, str]:
+    """The model's batch size on this corpus (columns) and the params key that sets it
+    (the preset layer it comes from), for messages that say what to change."""
+    where = params.resolve(corpus, model)["batch_size"][1]
+    return params.spec(corpus, model).training.batch_size, f"{where}.batch_size"
+
+
 def check_ranks(params: TrainParams, corpus: str, model: str, ranks: int) -> None:
     """ParamsError naming the key unless the batch columns split evenly across ranks."""
-    batch_size = params.spec(corpus, model).training.batch_size
+    batch_size, key = batch_size_of(params, corpus, model)
     if batch_size % ranks:
-        where = params.resolve(corpus, model)["batch_size"][1]
-        raise ParamsError(f"{where}.batch_size: {batch_size} columns cannot be split "
+        raise ParamsError(f"{key}: {batch_size} columns cannot be split "
                           f"evenly across {ranks} ranks (train.nproc, or torchrun's "
                           f"--nproc-per-node x --nnodes); make it a multiple of {ranks}")
 
@@ -209,11 +214,10 @@ def checked_runtime(corpus: str, model: str, data: PreparedCorpus, params: Train
     # in the resume fingerprint: a run never continues in another precision or step
     extra = {"vocab_digest": vocab.digest(), "corpus": corpus,
              "precision": LABELS[precision], **({"step": "cuda graph"} if graphs else {})}
-    batch_size = params.spec(corpus, model).training.batch_size
+    batch_size, key = batch_size_of(params, corpus, model)
     train_tokens = len(data.ids("train"))
     if train_tokens < batch_size + 1:
-        where = params.resolve(corpus, model)["batch_size"][1]
-        raise ParamsError(f"{where}.batch_size: {batch_size} columns need at least "
+        raise ParamsError(f"{key}: {batch_size} columns need at least "
                           f"{batch_size + 1} training tokens, {corpus}'s train split has "
                           f"{train_tokens} (a corpora.{corpus} entry changes only this corpus)")
     return Runtime(checkpoint_dir=checkpoints, device=device, precision=precision,
