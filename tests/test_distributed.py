@@ -11,11 +11,14 @@ Tolerances (float32; only the order of summation differs between 1 and 2 ranks):
   training perplexity and gradient-norm median within 1e-5 (measured: 1e-7), steps,
   tokens and lr exact;
 - a resumed 2-rank run against an uninterrupted one, and 1 rank under a process group
-  against the plain process: exactly equal.
+  against the plain process: exactly equal;
+- a resume point of 1 process resumed by 2 ranks, and one of 2 ranks resumed by 1
+  process, against the uninterrupted one-process run: as a full run's curve (dropout 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,6 +46,8 @@ CURVE = (net("lstm", dropout=0.0),  # time_sum loss units, plateau schedule (bro
                    evals_per_epoch=2, schedule="plateau", lr_decay=2.0))
 RESUMED = (net("lstm2", dropout=0.1),  # dropout on: the per-rank RNG must be restored
            train_cfg(epochs=1, evals_per_epoch=2))
+ACROSS = (net("lstm2", dropout=0.0),  # resumed under another number of ranks (mid-epoch:
+          train_cfg(epochs=1, evals_per_epoch=2))  # the carried state of all 4 columns too)
 SIGNAL_AT = 12  # rank 1 alone gets SIGINT after this step; the ranks agree at step 15
 CHECK_EVERY = 5
 
@@ -52,6 +57,25 @@ def train(case, folder: Path, world: World = distributed.SINGLE) -> dict:
     return training.train_model(ModelSpec(network=network, training=cfg),
                                 Splits(train=TRAIN, valid=VALID, eos_id=0),
                                 Runtime(checkpoint_dir=folder, world=world))
+
+
+@contextlib.contextmanager
+def counted_steps(signal_rank: int | None = None, world: World = distributed.SINGLE):
+    """Count the training steps this process takes (the list's one item); with
+    `signal_rank`, that rank gets SIGINT at its SIGNAL_AT-th step."""
+    step, calls = steps.train_step, [0]
+
+    def counted_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == SIGNAL_AT and world.rank == signal_rank:
+            signal.raise_signal(signal.SIGINT)
+        return step(*args, **kwargs)
+
+    steps.train_step = counted_step
+    try:
+        yield calls
+    finally:
+        steps.train_step = step
 
 
 def free_port() -> int:
@@ -75,27 +99,24 @@ def rank_main(rank: int, port: int, folder: Path) -> None:
         results = {"few_steps": train(FEW_STEPS, folder / "few_steps", world),
                    "curve": train(CURVE, folder / "curve", world),
                    "straight": train(RESUMED, folder / "straight", world)}
-        step = steps.train_step
-        calls = 0
-
-        def signalled_step(*args, **kwargs):
-            nonlocal calls
-            calls += 1
-            if calls == SIGNAL_AT and world.rank == 1:
-                signal.raise_signal(signal.SIGINT)
-            return step(*args, **kwargs)
-
-        steps.train_step = signalled_step
         try:
-            train(RESUMED, folder / "resumed", world)
+            with counted_steps(1, world):  # rank 1 alone gets SIGINT
+                train(RESUMED, folder / "resumed", world)
             raise AssertionError("SIGINT on rank 1 did not stop both ranks")
         except TrainingInterrupted as exc:
             results["interrupted"] = {"message": str(exc)}
             if world.is_main:  # its writer
                 last = load_checkpoint(folder / "resumed" / "last.pt")
                 results["interrupted"]["step"] = last["progress"]["step"]
-        steps.train_step = step
         results["resumed"] = train(RESUMED, folder / "resumed", world)
+        # another number of ranks: the parent's one-process resume point, resumed here;
+        # a 2-rank one (SIGINT on rank 1), left for the parent to resume in one process
+        with counted_steps() as calls:
+            results["one_to_two"] = train(ACROSS, folder / "one_to_two", world)
+        results["one_to_two"]["steps_taken"] = calls[0]
+        with counted_steps(1, world), contextlib.suppress(TrainingInterrupted):
+            train(ACROSS, folder / "two_to_one", world)
+            raise AssertionError("SIGINT on rank 1 did not stop both ranks")
         if world.is_main:
             (folder / "results.json").write_text(json.dumps(results))
         torch.distributed.barrier()  # rank 0 hosts the rendezvous: it leaves last
@@ -104,6 +125,9 @@ def rank_main(rank: int, port: int, folder: Path) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("ranks")
+    torch.set_num_threads(1)
+    with counted_steps(0), pytest.raises(TrainingInterrupted):  # SIGINT: a resume point
+        train(ACROSS, folder / "one_to_two")  # of one process, at step SIGNAL_AT
     mp.spawn(rank_main, args=(free_port(), folder), nprocs=RANKS, join=True)
     return folder, json.loads((folder / "results.json").read_text())
 
@@ -147,6 +171,41 @@ def test_a_two_rank_run_resumes_exactly(two_ranks):
     assert without_timings(resumed["history"]) == without_timings(straight["history"])
     a, b = (load_checkpoint(folder / d / "last.pt")["model"] for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_same_curve(two: list[dict], one: list[dict]) -> None:
+    """Two curves alike but for the order of summation (1 against 2 ranks)."""
+    assert [(r["step"], r["tokens"], r["lr"]) for r in two] == \
+        [(r["step"], r["tokens"], r["lr"]) for r in one]
+    for key in ("valid_ppl", "train_ppl", "grad_norm_median"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
+
+
+def test_a_resume_point_resumes_under_another_number_of_ranks(two_ranks, tmp_path, capsys):
+    """A resume point holds all B columns' state and every rank's RNG (README, "Several
+    GPUs"); written by N ranks, it is resumed by M (pipeline/resume.py): each rank takes
+    its own columns of the carried state, the run continues from the saved step and ends
+    as the uninterrupted run (dropout 0: under dropout ranks > 0 draw new masks). Here
+    1 -> 2 ranks and 2 -> 1, each against the uninterrupted one-process run."""
+    torch.set_num_threads(1)
+    folder, results = two_ranks
+    one = train(ACROSS, tmp_path)["history"]
+    total = one[-1]["step"]  # one epoch, 2 validation points
+    assert len(one) == 2 and total > 15 + SIGNAL_AT
+    # 1 -> 2: the ranks took only the steps after the one-process resume point's
+    one_to_two = results["one_to_two"]
+    assert one_to_two["steps_taken"] == total - SIGNAL_AT
+    assert_same_curve(one_to_two["history"], one)
+    # 2 -> 1: the 2-rank resume point (the ranks agreed on step 15) resumed by one process
+    last = load_checkpoint(folder / "two_to_one" / "last.pt")
+    assert (last["world_size"], last["progress"]["step"]) == (2, 15)
+    capsys.readouterr()
+    with counted_steps() as calls:
+        two_to_one = train(ACROSS, folder / "two_to_one")
+    said = capsys.readouterr().out
+    assert "resuming from" in said and "written by 2 rank(s), resumed by 1" in said
+    assert calls[0] == total - 15
+    assert_same_curve(two_to_one["history"], one)
 
 
 def test_one_rank_under_a_process_group_is_the_plain_process(tmp_path, monkeypatch):
