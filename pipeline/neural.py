@@ -268,10 +268,12 @@ def score(corpus: str, model: str, data: PreparedCorpus, params: TrainParams, *,
     network = params.spec(corpus, model).for_vocabulary(len(vocab))
     with out_of_memory_advice(corpus, model, device, params, scoring=True):
         metrics["protocols"] = protocol_scores(
-            history, result["plan"]["steps_per_epoch"], result["best_step"], metrics["test_ppl"],
-            lambda: final_test_ppl(runtime.checkpoint_dir / "last.pt", network,
-                                   history[-1]["step"], data.ids("test"), metrics["test_tokens"],
-                                   params.eval_chunk, vocab.eos_id, device))
+            history, steps_per_epoch=result["plan"]["steps_per_epoch"],
+            best_step=result["best_step"], best_test=metrics["test_ppl"],
+            score_last=lambda: final_test_ppl(
+                runtime.checkpoint_dir / "last.pt", network, step=history[-1]["step"],
+                ids=data.ids("test"), tokens=metrics["test_tokens"],
+                eval_chunk=params.eval_chunk, eos_id=vocab.eos_id, device=device))
     return metrics
 
 

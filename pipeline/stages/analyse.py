@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_section("analyse", AnalyseParams)
     reuse_freed_memory()  # the same numbers, fewer page faults (pipeline/hostmemory.py)
-    results = analyse_corpus(args.corpus, args.data, args.models,
-                             models_of(args.corpus), params)
+    results = analyse_corpus(corpus=args.corpus, data=args.data, models_dir=args.models,
+                             models=models_of(args.corpus), params=params)
     names = [name for name in ("gradients", "context", "dependencies") if name in results]
     with atomic_path(args.out, directory=True) as staging:  # all files or none
         for name in names:

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
                                                      "out_json") if getattr(args, k) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
-    table = make_leaderboard(args.metrics_dir, args.prepared, configured_models(), args.out_md,
-                             args.out_csv, args.out_json)
+    table = make_leaderboard(metrics_dir=args.metrics_dir, prepared_dir=args.prepared,
+                             models=configured_models(), out_md=args.out_md,
+                             out_csv=args.out_csv, out_json=args.out_json)
     print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]
           .to_string(index=False))
 

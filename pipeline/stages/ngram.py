@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_section("ngram", NgramParams)
     if not 2 <= args.order <= 6:
         raise NgramError(f"--order must be 2..6 (what kenlm.Model loads), got {args.order}")
-    metrics = build_ngram(args.corpus, args.order, args.data, args.model, params)
+    metrics = build_ngram(corpus=args.corpus, order=args.order, data_dir=args.data,
+                          model_path=args.model, params=params)
     # The metrics file is written before MLflow is touched: a broken store never
     # costs the result.
     write_json(args.metrics, metrics)

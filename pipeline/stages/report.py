@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--html", required=True, type=Path)
     parser.add_argument("--analysis", type=Path, help="reports/analysis (the analyse stage)")
     args = parser.parse_args(argv)
-    plots = make_report(args.leaderboard, args.curves, args.samples, args.plots, args.html,
-                        args.analysis)
+    plots = make_report(leaderboard=args.leaderboard, curves_dir=args.curves,
+                        samples_dir=args.samples, plots_dir=args.plots, out_html=args.html,
+                        analysis_dir=args.analysis)
     print(f"wrote {args.html} and {sum(len(p) for p in plots.values()) + 1} plots in {args.plots}")
     with tracking.model_run(tracking.SUMMARY_EXPERIMENT, "leaderboard", "report", "report",
                             {}) as run:

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_section("sample", SampleParams)
     models = models_of(args.corpus)
-    record = sample_corpus(args.corpus, args.data, args.models, models, params)
+    record = sample_corpus(corpus=args.corpus, data_dir=args.data, models_dir=args.models,
+                           models=models, params=params)
     write_json(args.out_json, record)
     write_text(args.out, render_markdown(record))
     print(f"{args.corpus}: samples from {len(models)} models in {args.out}")
