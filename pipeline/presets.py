@@ -20,39 +20,19 @@ dataclass. See every resolved value and the layer it came from with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.corpora import CORPUS_NAMES
 from pipeline.errors import run_stage
+from pipeline.model_spec import NETWORK_KEYS, TRAINING_KEYS, ModelSpec
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.params import PARAMS_FILE, ParamsError, build, load_section, require
 from pipeline.precision import PRECISIONS
 from pipeline.schedule import TrainConfig
 
-# NetworkConfig's kind and vocab_size come from the stage and the corpus, not params
-NETWORK_KEYS = tuple(f.name for f in dataclasses.fields(NetworkConfig)
-                     if f.name not in ("kind", "vocab_size"))
-TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 LAYERS = ("defaults", "models", "corpora")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model's settings in a preset, on one corpus."""
-
-    network: NetworkConfig  # vocab_size is 1 until the corpus's vocabulary is known
-    training: TrainConfig
-
-    def for_vocabulary(self, vocab_size: int) -> NetworkConfig:
-        return dataclasses.replace(self.network, vocab_size=vocab_size)
-
-    def flat(self) -> dict[str, Any]:
-        """The settings as params.yaml spells them (for MLflow and metrics files)."""
-        net = dataclasses.asdict(self.network)
-        return {**{k: net[k] for k in NETWORK_KEYS}, **dataclasses.asdict(self.training)}
 
 
 @dataclass(frozen=True)

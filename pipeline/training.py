@@ -37,10 +37,10 @@ from tqdm import tqdm
 from pipeline.checkpoints import save_checkpoint, wait_for_checkpoints
 from pipeline.distributed import RANK_SEED_STRIDE, SINGLE, World, wrap
 from pipeline.errors import UserError
+from pipeline.model_spec import ModelSpec
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
 from pipeline.precision import products
-from pipeline.presets import ModelSpec
 from pipeline.resume import Progress, ResumePoint, fingerprint
 from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
 from pipeline.steps import (

@@ -33,7 +33,7 @@ from pipeline import distributed, steps, training
 from pipeline.checkpoints import load_checkpoint
 from pipeline.distributed import UnevenColumns, World
 from pipeline.errors import UserError
-from pipeline.presets import ModelSpec
+from pipeline.model_spec import ModelSpec
 from pipeline.training import Runtime, Splits, TrainingInterrupted
 from tests.test_training import TRAIN, VALID, net, train_cfg, without_timings
 

@@ -169,8 +169,8 @@ def ptb_ids(ptb_small) -> dict[str, np.ndarray]:
 def train_small(ids: dict, folder: Path) -> dict:
     import torch  # a pinned dependency: no skip (the training imports it anyway)
 
+    from pipeline.model_spec import ModelSpec
     from pipeline.networks import NetworkConfig
-    from pipeline.presets import ModelSpec
     from pipeline.schedule import TrainConfig
     from pipeline.training import Runtime, Splits, train_model
 

@@ -13,9 +13,9 @@ import torch
 from pipeline import resume
 from pipeline.checkpoints import load_checkpoint, load_model
 from pipeline.imports import PACKAGE
+from pipeline.model_spec import ModelSpec
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.precision import bf16_products
-from pipeline.presets import ModelSpec
 from pipeline.resume import LOOP, RESCORED, ResumePoint, training_code
 from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
 from pipeline.training import (
