@@ -8,6 +8,7 @@ keeps a resume point (pipeline/resume.py; the files: pipeline/checkpoints.py):
       Plan            steps, validation points
       ResumePoint     last.pt: load at the start, save at validation points,
                       every `checkpoint_every_s` and on Ctrl-C / SIGTERM
+                      (pipeline/interrupts.py)
       train_segment   train_step ... up to the next validation point
       validate        exact perplexity of the valid split; best.pt; lr schedule
 
@@ -21,10 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from pipeline.checkpoints import save_checkpoint, wait_for_checkpoints
 from pipeline.distributed import RANK_SEED_STRIDE, SINGLE, World, wrap
 from pipeline.errors import UserError
+from pipeline.interrupts import StopOnSignal, TrainingInterrupted, agreed
 from pipeline.model_spec import ModelSpec
 from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
@@ -58,40 +58,6 @@ CHECK_EVERY = 50  # steps between host-side loss checks (a .item() is a GPU sync
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became non-finite: the message names the lr and the clip to change."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped training after a resume point was written."""
-
-    def __init__(self, signal_name: str, message: str):
-        super().__init__(f"{signal_name}: {message}")
-        self.exit_code = 128 + signal.Signals[signal_name].value  # as if the signal killed it
-
-
-class _StopOnSignal:
-    """Turns SIGINT/SIGTERM into a request that the loop honours between steps, so the
-    resume point it then writes is consistent (never a half-applied optimizer step). A
-    second signal acts at once, as usual."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = signal.Signals(signum).name
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # signals need it
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -132,7 +98,7 @@ class _Run:
     columns: Columns | ResidentColumns  # this rank's columns (all B in one process)
     step: Callable[..., Step]  # (x, y, state) -> Step: train_step, or its CUDA graph
     resume: ResumePoint
-    stop: _StopOnSignal
+    stop: StopOnSignal
     bar: tqdm
     runtime: Runtime
 
@@ -218,7 +184,7 @@ def _save_if_due(run: _Run, progress: Progress, ledger: _Ledger, *, until: int,
     due = every_s and time.perf_counter() - ledger.last_save >= every_s
     stop, save = run.stop.requested, bool(run.stop.requested or due)
     if run.world.distributed:
-        stop, save = _agreed(run.world, stop, save) if checking else (None, False)
+        stop, save = agreed(run.world, stop, save) if checking else (None, False)
     if progress.step < until and save:
         ledger.settle()
         run.resume.save(run.model, run.opt, progress)
@@ -229,15 +195,6 @@ def _save_if_due(run: _Run, progress: Progress, ledger: _Ledger, *, until: int,
             raise TrainingInterrupted(
                 stop, f"stopped at step {progress.step} of "
                 f"{run.plan.total_steps}; the resume point is {run.resume.path}")
-
-
-def _agreed(world: World, stop: str | None, save: bool) -> tuple[str | None, bool]:
-    """The signal any rank got (SIGINT over SIGTERM; None: none), and whether any rank
-    wants a resume point: every rank then saves and stops alike. A collective."""
-    if not world.distributed:
-        return stop, save
-    sigint, sigterm, save = world.any(stop == "SIGINT", stop == "SIGTERM", save)
-    return ("SIGINT" if sigint else "SIGTERM" if sigterm else None), save
 
 
 def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: int,
@@ -336,7 +293,7 @@ def train_model(spec: ModelSpec, splits: Splits, runtime: Runtime) -> dict:
                 sys.stdout.flush()  # logs see it now
             if runtime.on_eval is not None and world.is_main:
                 runtime.on_eval(progress.history)  # the curve so far, `record` last
-            stopped, _ = _agreed(world, run.stop.requested, False)
+            stopped, _ = agreed(world, run.stop.requested, False)
             if stopped and progress.step < plan.total_steps:
                 raise TrainingInterrupted(stopped, f"stopped at step {progress.step}; "
                                           f"the resume point is {run.resume.path}")
@@ -381,7 +338,7 @@ def _start(spec: ModelSpec, splits: Splits, runtime: Runtime) -> tuple[_Run, Pro
     step = make_step(model, opt, cfg=cfg, precision=runtime.precision, graphs=graphs,
                      trainer=wrap(model, world))  # DDP(model) under several ranks
     run = _Run(model=model, opt=opt, cfg=cfg, plan=plan, columns=columns, step=step,
-               resume=resume, stop=_StopOnSignal(), bar=bar, runtime=runtime)
+               resume=resume, stop=StopOnSignal(), bar=bar, runtime=runtime)
     return run, progress
 
 
