@@ -132,7 +132,7 @@ def test_row_without_config_matches_nothing():
 
 
 def test_model_without_reference():
-    found = compare(neural("lstm", config=SMALL))
+    found = compare(neural("lstm", config=SMALL, corpus="wikitext2"))
     assert found.reference is None and not found.match and found.note == ""
 
 
