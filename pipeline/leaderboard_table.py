@@ -195,20 +195,31 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
-def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str = "") -> str:
-    """The page: one table per corpus. A row's first cell is its model, or "<run>: <model>"
-    where the table has a `run` column (the committed reproductions)."""
+def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str = "",
+                    committed: pd.DataFrame | None = None) -> str:
+    """The page: one table per corpus; then, given `committed` (load_committed), the
+    committed runs under COMMITTED_HEADING, one table per corpus again."""
     out = [f"# {title}", "", *([intro, ""] if intro else []), SCORING_NOTE, "", REFERENCES_NOTE,
            "", protocols_note(), ""]
+    out += corpus_sections(table, level="##")
+    if committed is not None:
+        out += [f"## {COMMITTED_HEADING}", "", COMMITTED_INTRO, ""]
+        out += corpus_sections(committed, level="###")
+    return "\n".join(out)
+
+
+def corpus_sections(table: pd.DataFrame, level: str) -> list[str]:
+    """One heading and table per corpus. A row's first cell is its model, or "<run>: <model>"
+    followed by its configuration where the table has a `run` column (committed runs)."""
+    runs = "run" in table
+    out: list[str] = []
     for corpus, group in table.groupby("corpus", sort=False):
         char = group["test_bpc"].notna().any()
-        out += [f"## {corpus}", ""]
-        floor = floor_note(group)
-        out += [floor, ""] if floor else []
-        said = verdict(group)
-        out += [said, ""] if said else []
-        header = ["run: model" if "run" in table else "model", "size", "valid ppl", "test ppl"]
-        header += ["test bpc"] if char else []
+        out += [f"{level} {corpus}", ""]
+        for line in (floor_note(group), verdict(group)):
+            out += [line, ""] if line else []
+        header = ["run: model", "configuration"] if runs else ["model"]
+        header += ["size", "valid ppl", "test ppl"] + (["test bpc"] if char else [])
         header += ["tokens (valid / test)", "train time (s)", "train tok/s",
                    "training budget: tokens (epochs)", "device, training",
                    "published test ppl (source)", "ours − published"]
@@ -216,8 +227,9 @@ def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str 
         for row in group.itertuples():
             size = f"{_fmt(int(row.size))} {row.size_unit}" if pd.notna(row.size) else ""
             published, difference = reference_cells(row)
-            name = f"{row.run}: {row.model}" if "run" in table else row.model
-            cells = [name, size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
+            cells = [f"{row.run}: {row.model}", describe_config(row.config, row.model)] \
+                if runs else [row.model]
+            cells += [size, _fmt(row.valid_ppl), _fmt(row.test_ppl)]
             cells += [_fmt(row.test_bpc, 3)] if char else []
             cells += [f"{_fmt(int(row.valid_tokens))} / {_fmt(int(row.test_tokens))}",
                       _fmt(row.train_seconds, 1), _fmt(row.tokens_per_s, 0),
@@ -225,7 +237,26 @@ def render_markdown(table: pd.DataFrame, title: str = "Leaderboard", intro: str 
                       published, difference]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    return "\n".join(out)
+    return out
+
+
+def describe_config(config: str, model: str) -> str:
+    """A neural run's resolved settings (a `config` cell, JSON) in a few words: sizes,
+    regularisation, optimizer and schedule, unroll and batch, epochs; "" without one.
+    lr and clip are in the unit of the run's `loss`."""
+    if not config:
+        return ""
+    c = json.loads(config)
+    sizes = f"{c['embedding_size']}/{c['hidden_size']}"
+    sizes += f", context {c['context']}" if model == "window" else ""
+    schedule = {"plateau": f"/ {c['lr_decay']:g} after an epoch without improvement",
+                "decay": f"/ {c['lr_decay']:g} per epoch after {c['decay_after']}",
+                "cosine": f"cosine to x {c['lr_min']:g}"}[c["schedule"]]
+    optimizer = "SGD" if c["optimizer"] == "sgd" else "Adam"
+    return (f"{sizes}, {'tied' if c['tie_weights'] else 'untied'}, dropout {c['dropout']:g}; "
+            f"{optimizer} lr {c['lr']:g} ({c['loss'].replace('_', ' ')}) {schedule}, "
+            f"clip {c['clip']:g}; unroll {c['bptt']}, batch {c['batch_size']}, "
+            f"{c['epochs']} epochs at most")
 
 
 def floor_note(group: pd.DataFrame) -> str:
@@ -251,27 +282,43 @@ def dvc_metrics(table: pd.DataFrame) -> dict:
 
 
 def make_leaderboard(metrics_dir: Path, prepared_dir: Path, models: dict[str, list[str]],
-                     out_md: Path, out_csv: Path, out_json: Path) -> pd.DataFrame:
+                     out_md: Path, out_csv: Path, out_json: Path,
+                     committed: Path | None = None) -> pd.DataFrame:
+    """The pipeline's rows to out_csv, out_json (DVC metrics) and out_md; out_md also shows
+    the committed runs of `committed` (<folder>/<run>/metrics.json) when given."""
     table = build_table(load_metrics(metrics_dir, models), load_floors(prepared_dir, list(models)))
     write_text(out_csv, table.to_csv(index=False))
-    write_text(out_md, render_markdown(table))
+    write_text(out_md, render_markdown(
+        table, committed=load_committed(committed) if committed else None))
     write_json(out_json, dvc_metrics(table))
     return table
 
 
+COMMITTED_HEADING = "Converged and reproduced runs (committed)"
+COMMITTED_INTRO = (
+    "Runs trained to convergence, or under a published configuration, outside the DVC "
+    "pipeline and committed with their learning curves in reports/reproductions/<run>/ "
+    "(their commands: README, Reproductions and Converged runs). Each test perplexity is "
+    "its best validation point's; a published figure is compared only under its own "
+    "configuration and selection protocol, and is context otherwise.")
 REPRODUCTIONS_INTRO = (
     "Committed runs of a published configuration, outside the DVC pipeline (their commands "
     "are in the README, Reproductions); each folder of reports/reproductions holds a run's "
     "metrics and learning curve.")
 
 
-def make_reproductions(folder: Path, out_md: Path) -> pd.DataFrame:
-    """The committed reproductions, folder/<run>/metrics.json, as one leaderboard page."""
+def load_committed(folder: Path) -> pd.DataFrame:
+    """The committed runs, folder/<run>/metrics.json, as table rows with a `run` column."""
     paths = sorted(folder.glob("*/metrics.json"))
     if not paths:
-        raise LeaderboardError(f"no reproductions in {folder} (expected <run>/metrics.json)")
+        raise LeaderboardError(f"no committed runs in {folder} (expected <run>/metrics.json)")
     metrics = pd.DataFrame([json.loads(p.read_text(encoding="utf-8")) | {"run": p.parent.name}
                             for p in paths])
-    table = build_table(metrics, keep=("run",))
+    return build_table(metrics, keep=("run",))
+
+
+def make_reproductions(folder: Path, out_md: Path) -> pd.DataFrame:
+    """The committed runs, folder/<run>/metrics.json, as one page of their own."""
+    table = load_committed(folder)
     write_text(out_md, render_markdown(table, "Reproductions (committed)", REPRODUCTIONS_INTRO))
     return table

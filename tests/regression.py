@@ -51,6 +51,7 @@ import yaml
 from tabulate import tabulate
 
 from pipeline.atomic import write_text
+from pipeline.leaderboard_table import COMMITTED_HEADING
 from pipeline.lineup import configured_models
 from pipeline.params import ParamsError, load_section, read_params
 
@@ -112,7 +113,9 @@ def make_workspace(root: Path, mirror: Path) -> tuple[Path, dict]:
     for name in files:
         # dvc.lock describes the full pipeline, not this one, and reports/ holds its
         # results: a stage that does not run here must leave no stale file to compare
-        if (REPO / name).is_file() and name != "dvc.lock" and not name.startswith("reports/"):
+        # (the committed runs of reports/reproductions are an input: the leaderboard shows them)
+        if (REPO / name).is_file() and name != "dvc.lock" and (
+                not name.startswith("reports/") or name.startswith("reports/reproductions/")):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
     corpus = root / "ptb-slice"
@@ -214,6 +217,8 @@ def _markdown_cells(path: Path, columns: dict[str, str]) -> dict[tuple[str, str]
     cells: dict[tuple[str, str], dict] = {}
     corpus, header = None, None
     for line in path.read_text().splitlines() if path.exists() else []:
+        if line == f"## {COMMITTED_HEADING}":  # the committed runs: not this pipeline's
+            break
         if line.startswith("## "):
             corpus, header = line[3:].strip(), None
         elif line.startswith("|") and corpus is not None and not line.startswith("|---"):

@@ -2,7 +2,7 @@
 
     python -m pipeline.stages.leaderboard --metrics-dir reports/metrics --prepared data/prepared \
         --out-md reports/leaderboard.md --out-csv reports/leaderboard.csv \
-        --out-json reports/leaderboard.json
+        --out-json reports/leaderboard.json --committed reports/reproductions
 
 The work is done in pipeline/leaderboard_table.py; this module resolves paths and params.
 """
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-md", required=True, type=Path)
     parser.add_argument("--out-csv", type=Path)
     parser.add_argument("--out-json", type=Path)
+    parser.add_argument("--committed", type=Path, help="also show the committed runs of this "
+                        "folder (<folder>/<run>/metrics.json) on --out-md")
     parser.add_argument("--reproductions", type=Path, help="instead: the committed "
                         "reproductions (<folder>/<run>/metrics.json) to --out-md")
     args = parser.parse_args(argv)
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     table = make_leaderboard(metrics_dir=args.metrics_dir, prepared_dir=args.prepared,
                              models=configured_models(), out_md=args.out_md,
-                             out_csv=args.out_csv, out_json=args.out_json)
+                             out_csv=args.out_csv, out_json=args.out_json,
+                             committed=args.committed)
     print(table[["corpus", "model", "valid_ppl", "test_ppl", "test_tokens"]]
           .to_string(index=False))
 
