@@ -160,7 +160,10 @@ def test_leaderboard_fills_the_difference_only_for_a_match(table):
     assert pd.isna(by_model.loc["lstm2", "test_ppl_minus_ref"])
     assert by_model.loc["lstm2", "ref_test_ppl"] == 110.44  # shown, as context
     assert "schedule" in by_model.loc["lstm2", "ref_note"]
-    assert pd.isna(by_model.loc["lstm", "ref_test_ppl"]) and not by_model.loc["lstm", "ref_match"]
+    # Mikolov et al. 2014's 100-unit LSTM: context only, never a difference
+    assert by_model.loc["lstm", "ref_test_ppl"] == 115 and not by_model.loc["lstm", "ref_match"]
+    assert pd.isna(by_model.loc["lstm", "test_ppl_minus_ref"])
+    assert "100 hidden units" in by_model.loc["lstm", "ref_note"]
 
 
 def test_markdown_shows_exactly_one_difference(table):
@@ -175,7 +178,9 @@ def test_markdown_shows_exactly_one_difference(table):
     assert rows["lstm2"]["ours − published"].startswith(
         "context: measured with another configuration (ours differs in epochs")
     assert "110.4 (2-layer LSTM 200" in rows["lstm2"]["published test ppl (source)"]
-    assert rows["lstm"]["ours − published"] == rows["lstm"]["published test ppl (source)"] == ""
+    assert rows["lstm"]["ours − published"] == "context: a smaller model (100 hidden units), " \
+        "configuration not published in full"
+    assert rows["lstm"]["published test ppl (source)"].startswith("115.0 (LSTM, 100 hidden units")
     # training tokens, then epochs (a fraction when stopped early); the training arithmetic
     assert rows["lstm2"]["training budget: tokens (epochs)"] == "577,000 (0.62)"
     assert rows["lstm2"]["device, training"] == "cpu, bf16 autocast"
@@ -197,7 +202,7 @@ def test_csv_round_trip_feeds_the_report(table):
     assert '"tie_weights": true' in back.set_index("model").loc["lstm2", "config"]
     assert list(comparable(back)["model"]) == ["kn5"]
     html = render_table(back)
-    assert html.count("context: ") == 1 and "<td>-0.01</td>" in html
+    assert html.count("context: ") == 2 and "<td>-0.01</td>" in html  # lstm2's, lstm's
     fig = plot_published(back)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["ptb/kn5"]
 
