@@ -355,7 +355,7 @@ def test_a_missing_input_is_one_clear_line(args, starts, prepared, tmp_path):
 
 def test_an_unknown_corpus_name_is_refused_by_every_stage():
     for stage in ("download", "prepare", "ngram", "train", "sample", "analyse"):
-        done = run_module([f"pipeline.{stage}", "--corpus", "ptbx"], {})
+        done = run_module([f"pipeline.stages.{stage}", "--corpus", "ptbx"], {})
         assert done.returncode == 2, stage  # argparse: the usage, then the one error line
         assert "argument --corpus: invalid choice: 'ptbx'" in done.stderr.splitlines()[-1]
 
