@@ -249,7 +249,7 @@ def describe_config(config: str, model: str) -> str:
     c = json.loads(config)
     sizes = f"{c['embedding_size']}/{c['hidden_size']}"
     sizes += f", context {c['context']}" if model == "window" else ""
-    schedule = {"plateau": f"/ {c['lr_decay']:g} after an epoch without improvement",
+    schedule = {"plateau": _plateau_rule(c),
                 "decay": f"/ {c['lr_decay']:g} per epoch after {c['decay_after']}",
                 "cosine": f"cosine to x {c['lr_min']:g}"}[c["schedule"]]
     optimizer = "SGD" if c["optimizer"] == "sgd" else "Adam"
@@ -257,6 +257,19 @@ def describe_config(config: str, model: str) -> str:
             f"{optimizer} lr {c['lr']:g} ({c['loss'].replace('_', ' ')}) {schedule}, "
             f"clip {c['clip']:g}; unroll {c['bptt']}, batch {c['batch_size']}, "
             f"{c['epochs']} epochs at most")
+
+
+def _plateau_rule(c: dict) -> str:
+    """The plateau schedule of a resolved config in words (keys absent from older runs)."""
+    threshold, stop = c.get("plateau_threshold", 0.0), c.get("stop_after_plateaus", 0)
+    epoch = f"an epoch that gained under {threshold * 100:g}%" if threshold \
+        else "an epoch without improvement"
+    ends = f", ending at the {_ordinal(stop)} such epoch" if stop else ""
+    return f"/ {c['lr_decay']:g} after {epoch}{ends}"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def floor_note(group: pd.DataFrame) -> str:

@@ -148,7 +148,8 @@ REFERENCES: tuple[Reference, ...] = (
               {"embedding_size": 200, "hidden_size": 200, "dropout": 0.2, "tie_weights": True,
                "batch_size": 20, "bptt": 35, "epochs": 6, "max_tokens": 0,
                "evals_per_epoch": 1, "optimizer": "sgd", "lr": 20 / 35, "loss": "time_sum",
-               "schedule": "plateau", "lr_decay": 4.0, "clip": 0.25 * 35, "forget_bias": 0.0,
+               "schedule": "plateau", "lr_decay": 4.0, "plateau_threshold": 0.0,
+               "stop_after_plateaus": 0, "clip": 0.25 * 35, "forget_bias": 0.0,
                "vocab_size": 10_000}),
     *(Reference("brown", f"kn{order}", f"Kneser-Ney back-off {order}-gram (SRILM), V = 16,383",
                 valid, test, "Bengio et al. 2003, table 1", ONE_MODEL,
@@ -184,6 +185,10 @@ def in_time_sum_units(settings: dict[str, Any]) -> dict[str, Any]:
             "clip": settings["clip"] * bptt}
 
 
+# settings added after runs were committed: the value that behaves as the code before
+ADDED_SETTINGS = {"forget_bias": 0.0, "plateau_threshold": 0.0, "stop_after_plateaus": 0}
+
+
 def row_settings(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """A metrics row's resolved settings, or None when it records none.
 
@@ -197,8 +202,8 @@ def row_settings(row: Mapping[str, Any]) -> dict[str, Any] | None:
     if not isinstance(config, dict) and not _present(row.get("order")):
         return None
     settings = dict(config) if isinstance(config, dict) else {}
-    if isinstance(config, dict):  # a run from before the setting existed had its effect
-        settings.setdefault("forget_bias", 0.0)
+    if isinstance(config, dict):  # a run from before a setting existed had this effect
+        settings = {**ADDED_SETTINGS, **settings}
     settings.update({k: _plain(row[k]) for k in ROW_FIELDS if _present(row.get(k))})
     return in_time_sum_units(settings)
 

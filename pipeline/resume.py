@@ -44,6 +44,7 @@ class Progress:
     seconds: float = 0.0  # training time, validation excluded
     best_valid: float = math.inf
     best_step: int = 0
+    plateaus: int = 0  # epochs that did not improve validation (schedule.improved)
     history: list = field(default_factory=list)
     segment_losses: list = field(default_factory=list)  # per-step nats since the last
     # validation point (summed with math.fsum)

@@ -33,6 +33,12 @@ class TrainConfig:
     # cosine: from lr down to lr x lr_min over the planned steps, after a linear warm-up
     schedule: Literal["decay", "plateau", "cosine"]
     lr_decay: float
+    # plateau: an epoch improves only if it lowers the best validation ppl so far by at
+    # least this fraction (0.01 = 1%); 0 = any lowering counts
+    plateau_threshold: float
+    # plateau: end the run at its k-th epoch without improvement (by then the lr has been
+    # divided k - 1 times), before the epoch cap; 0 = train every epoch
+    stop_after_plateaus: int
     decay_after: int
     warmup: float  # cosine: fraction of the planned steps spent warming up linearly
     lr_min: float  # cosine: the last step's lr, as a fraction of lr
@@ -45,11 +51,19 @@ class TrainConfig:
                     for k in ("batch_size", "bptt", "epochs", "evals_per_epoch")
                     if getattr(self, k) <= 0]
         problems += [(k, f"must be >= 0, got {getattr(self, k)}")
-                     for k in ("max_tokens", "clip", "decay_after") if getattr(self, k) < 0]
+                     for k in ("max_tokens", "clip", "decay_after", "stop_after_plateaus")
+                     if getattr(self, k) < 0]
         if self.lr <= 0:
             problems.append(("lr", f"must be positive, got {self.lr}"))
         if self.lr_decay < 1:
             problems.append(("lr_decay", f"must be >= 1, got {self.lr_decay}"))
+        if not 0 <= self.plateau_threshold < 1:
+            problems.append(("plateau_threshold",
+                             f"must be in [0, 1), got {self.plateau_threshold}"))
+        for key in ("plateau_threshold", "stop_after_plateaus"):
+            if getattr(self, key) and self.schedule != "plateau":
+                problems.append((key, f"applies to the plateau schedule only (schedule is "
+                                      f"{self.schedule}); set it to 0"))
         if not 0 <= self.warmup < 1:
             problems.append(("warmup", f"must be in [0, 1), got {self.warmup}"))
         if not 0 <= self.lr_min <= 1:
@@ -103,6 +117,17 @@ def scheduled_lr(cfg: TrainConfig, plan: Plan, step: int, epoch_lr: float) -> fl
     after = plan.total_steps - warm  # steps of the cosine, the first at lr, the last at the floor
     progress = (step - warm) / (after - 1) if after > 1 else 1.0  # 0 .. 1
     return cfg.lr * (cfg.lr_min + (1 - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def improved(cfg: TrainConfig, best_before: float, best_now: float) -> bool:
+    """Whether an epoch improved validation: it lowered the best ppl before it
+    (`best_before`, inf for the first epoch) to `best_now` by plateau_threshold at least."""
+    return best_now < best_before * (1 - cfg.plateau_threshold)
+
+
+def ends_run(cfg: TrainConfig, plateaus: int) -> bool:
+    """Whether a run that has had `plateaus` epochs without improvement ends now."""
+    return cfg.schedule == "plateau" and 0 < cfg.stop_after_plateaus <= plateaus
 
 
 def next_lr(cfg: TrainConfig, epoch: int, lr: float, improved: bool) -> float:

@@ -42,7 +42,7 @@ from pipeline.networks import LanguageModel, NetworkConfig
 from pipeline.perplexity import SplitScore, scoring_setup, stream_nll
 from pipeline.precision import products
 from pipeline.resume import Progress, ResumePoint, fingerprint
-from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
+from pipeline.schedule import Plan, TrainConfig, ends_run, improved, next_lr, scheduled_lr
 from pipeline.steps import (
     Columns,
     ResidentColumns,
@@ -237,13 +237,21 @@ def validate(run: _Run, progress: Progress, *, valid_ids: np.ndarray, eos_id: in
                                 "setup": scoring_setup(eval_chunk, run.device)},
                 **run.resume.extra}, background=run.resume.background)
     if progress.step % spe == 0:  # an epoch ended
-        epoch = progress.step // spe
-        improved = progress.best_step > progress.step - spe
-        progress.lr = next_lr(run.cfg, epoch, progress.lr, improved)
+        _end_epoch(run.cfg, progress, spe)
     progress.segment_losses, progress.segment_tokens, progress.segment_seconds = [], 0, 0.0
     progress.segment_grad_norms = []
     record["valid_s"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def _end_epoch(cfg: TrainConfig, progress: Progress, steps_per_epoch: int) -> None:
+    """The epoch-end decisions: did the epoch improve validation, the next lr."""
+    started = progress.step - steps_per_epoch
+    best_before = min((r["valid_ppl"] for r in progress.history if r["step"] <= started),
+                      default=math.inf)
+    better = improved(cfg, best_before, progress.best_valid)
+    progress.plateaus += not better
+    progress.lr = next_lr(cfg, progress.step // steps_per_epoch, progress.lr, better)
 
 
 def grad_norm_summary(norms: list[float], clip: float) -> dict:
@@ -254,9 +262,11 @@ def grad_norm_summary(norms: list[float], clip: float) -> dict:
             "clipped_fraction": sum(n > clip for n in norms) / len(norms) if clip > 0 else 0.0}
 
 
-def report_line(plan: Plan, progress: Progress, record: dict) -> str:
+def report_line(plan: Plan, progress: Progress, record: dict, *, may_end_early: bool = False
+                ) -> str:
     """One line per validation point, for logs: where the run is, and an ETA from the
-    training seconds per step and the validation seconds so far (both measured here)."""
+    training seconds per step and the validation seconds so far (both measured here);
+    `may_end_early`: the plateau rule may end the run first, so the ETA is an upper bound."""
     steps_left = plan.total_steps - progress.step
     evals_left = sum(s > progress.step for s in plan.eval_steps)
     valid_s = statistics.mean(r["valid_s"] for r in progress.history if "valid_s" in r)
@@ -265,7 +275,8 @@ def report_line(plan: Plan, progress: Progress, record: dict) -> str:
             f"valid ppl {record['valid_ppl']:.2f}, train ppl {record['train_ppl']:.2f}, "
             f"{record['tokens_per_s']:,.0f} tok/s, validation {record['valid_s']:.1f} s, "
             f"grad norm median {record['grad_norm_median']:.3g}; "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))} (validation included)")
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))} (validation included"
+            f"{'; at most: the plateau rule may end the run sooner' if may_end_early else ''})")
 
 
 def train_model(spec: ModelSpec, splits: Splits, runtime: Runtime) -> dict:
@@ -281,7 +292,7 @@ def train_model(spec: ModelSpec, splits: Splits, runtime: Runtime) -> dict:
     run, progress = _start(spec, splits, runtime)
     plan, world = run.plan, runtime.world
     with run.stop, run.bar, _finishing_writes():
-        while progress.step < plan.total_steps:
+        while not _finished(run, progress):
             with products(runtime.precision):  # the segment's products; validation is fp32
                 train_segment(run, progress, plan.next_eval(progress.step))
             record = validate(run, progress, valid_ids=splits.valid, eos_id=splits.eos_id,
@@ -289,12 +300,13 @@ def train_model(spec: ModelSpec, splits: Splits, runtime: Runtime) -> dict:
                               checkpoint_dir=runtime.checkpoint_dir, network=spec.network)
             run.resume.save(run.model, run.opt, progress)
             if world.is_main:
-                run.bar.write(report_line(plan, progress, record))
+                run.bar.write(report_line(plan, progress, record,
+                                          may_end_early=spec.training.stop_after_plateaus > 0))
                 sys.stdout.flush()  # logs see it now
             if runtime.on_eval is not None and world.is_main:
                 runtime.on_eval(progress.history)  # the curve so far, `record` last
             stopped, _ = agreed(world, run.stop.requested, False)
-            if stopped and progress.step < plan.total_steps:
+            if stopped and not _finished(run, progress):
                 raise TrainingInterrupted(stopped, f"stopped at step {progress.step}; "
                                           f"the resume point is {run.resume.path}")
     return {"history": progress.history, "best_valid_ppl": progress.best_valid,
@@ -302,6 +314,11 @@ def train_model(spec: ModelSpec, splits: Splits, runtime: Runtime) -> dict:
             "seconds": progress.seconds, "tokens": progress.tokens,
             "epochs": round(progress.step / plan.steps_per_epoch, 4),
             "plan": dataclasses.asdict(plan) | {"eval_steps": len(plan.eval_steps)}}
+
+
+def _finished(run: _Run, progress: Progress) -> bool:
+    """Whether the run is over: every planned step taken, or the plateau rule ended it."""
+    return progress.step >= run.plan.total_steps or ends_run(run.cfg, progress.plateaus)
 
 
 def _start(spec: ModelSpec, splits: Splits, runtime: Runtime) -> tuple[_Run, Progress]:

@@ -44,7 +44,8 @@ net = NetworkConfig(kind="lstm2", vocab_size=10_000, embedding_size=200, hidden_
                     init_range=0.1)
 cfg = TrainConfig(batch_size=20, bptt=35, epochs=1, max_tokens=0, evals_per_epoch=1,
                   optimizer="sgd", lr=20.0, loss="token_mean", schedule="decay",
-                  lr_decay=1.0, decay_after=0, warmup=0.0, lr_min=0.0, clip=0.25, seed=0)
+                  lr_decay=1.0, decay_after=0, plateau_threshold=0.0,
+                  stop_after_plateaus=0, warmup=0.0, lr_min=0.0, clip=0.25, seed=0)
 model = LanguageModel(net)
 opt = make_optimizer(model, cfg)
 ids = torch.randint(0, 10_000, (20, 36))

@@ -4,11 +4,15 @@ Otherwise the stage fails with one line naming the corpus and what differs."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
 from pipeline.errors import run_stage
-from pipeline.leaderboard_table import LeaderboardError, build_table
+from pipeline.leaderboard_table import LeaderboardError, build_table, describe_config
+from pipeline.params import load_section
+from pipeline.presets import TrainParams
 
 # two corpora whose counts differ from each other, as real corpora do: only the models of
 # one corpus must agree
@@ -58,3 +62,15 @@ def test_the_stage_says_it_in_one_line(capsys):
     assert stopped.value.code == 1
     said = capsys.readouterr().err
     assert said.startswith("error: custom: test token counts differ") and said.count("\n") == 1
+
+
+@pytest.mark.parametrize(("preset", "says"), [
+    ("converged", "SGD lr 20 (token mean) / 4 after an epoch that gained under 1%, ending at "
+                  "the 4th such epoch, clip 0.25; unroll 35, batch 20, 40 epochs at most"),
+    ("wlm", "SGD lr 20 (token mean) / 4 after an epoch without improvement, clip 0.25; "
+            "unroll 35, batch 20, 6 epochs at most"),
+])
+def test_a_committed_run_states_its_schedule_and_stopping_rule(preset, says):
+    spec = load_section("train", TrainParams).spec("ptb", "lstm", preset=preset)
+    config = json.dumps(spec.flat())  # the cell a metrics file's `config` becomes
+    assert describe_config(config, "lstm").endswith(says)

@@ -180,7 +180,8 @@ def train_small(ids: dict, folder: Path) -> dict:
                             direct_connections=False, init_range=0.1)
     cfg = TrainConfig(batch_size=4, bptt=10, epochs=2, max_tokens=0, evals_per_epoch=1,
                       optimizer="adam", lr=0.01, loss="token_mean", schedule="decay",
-                      lr_decay=1.2, decay_after=1, warmup=0.0, lr_min=0.0, clip=5.0, seed=0)
+                      lr_decay=1.2, decay_after=1, plateau_threshold=0.0,
+                      stop_after_plateaus=0, warmup=0.0, lr_min=0.0, clip=5.0, seed=0)
     result = train_model(ModelSpec(network=network, training=cfg),
                          Splits(train=ids["train"], valid=ids["valid"], eos_id=0),
                          Runtime(checkpoint_dir=folder))

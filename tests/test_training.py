@@ -17,7 +17,7 @@ from pipeline.model_spec import ModelSpec
 from pipeline.networks import KINDS, NetworkConfig
 from pipeline.precision import bf16_products
 from pipeline.resume import LOOP, RESCORED, ResumePoint, training_code
-from pipeline.schedule import Plan, TrainConfig, next_lr, scheduled_lr
+from pipeline.schedule import Plan, TrainConfig, improved, next_lr, scheduled_lr
 from pipeline.training import (
     Runtime,
     Splits,
@@ -43,7 +43,8 @@ def net(kind, **changes):
 def train_cfg(**changes):
     base = dict(batch_size=4, bptt=10, epochs=6, max_tokens=0, evals_per_epoch=1,
                 optimizer="adam", lr=0.01, loss="token_mean", schedule="decay", lr_decay=1.2,
-                decay_after=3, warmup=0.0, lr_min=0.0, clip=5.0, seed=0)
+                decay_after=3, plateau_threshold=0.0, stop_after_plateaus=0, warmup=0.0,
+                lr_min=0.0, clip=5.0, seed=0)
     return TrainConfig(**{**base, **changes})
 
 
@@ -213,6 +214,47 @@ def test_learning_rate_schedules():
     plateau = train_cfg(schedule="plateau", lr=20.0, lr_decay=4.0)
     assert next_lr(plateau, 3, 20.0, improved=True) == 20.0
     assert next_lr(plateau, 3, 20.0, improved=False) == 5.0
+
+
+def test_an_epoch_improves_only_by_the_plateau_threshold():
+    strict, one_percent = train_cfg(schedule="plateau"), train_cfg(
+        schedule="plateau", plateau_threshold=0.01)
+    assert improved(strict, best_before=100.0, best_now=99.99)
+    assert not improved(strict, best_before=100.0, best_now=100.0)
+    assert not improved(one_percent, best_before=100.0, best_now=99.5)  # 0.5%
+    assert improved(one_percent, best_before=100.0, best_now=98.9)  # 1.1%
+    assert improved(one_percent, best_before=float("inf"), best_now=500.0)  # the first epoch
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"stop_after_plateaus": 2}, "stop_after_plateaus"),  # the decay schedule
+    ({"plateau_threshold": 0.01}, "plateau_threshold"),
+    ({"schedule": "plateau", "plateau_threshold": 1.0}, "plateau_threshold"),
+    ({"schedule": "plateau", "stop_after_plateaus": -1}, "stop_after_plateaus"),
+])
+def test_plateau_settings_are_checked(change, key):
+    assert [k for k, _ in train_cfg(**change).check()] == [key]
+
+
+def test_plateau_rule_ends_the_run_and_resumes_exactly(tmp_path):
+    torch.set_num_threads(1)
+    # a 99% threshold: no epoch after the first counts as an improvement, so epochs 2 and
+    # 3 halve the lr and epoch 4, the third without improvement, ends the 6-epoch run
+    cfg = train_cfg(optimizer="sgd", lr=1.0, epochs=6, evals_per_epoch=2, schedule="plateau",
+                    lr_decay=2.0, plateau_threshold=0.99, stop_after_plateaus=3)
+    network = net("gru")
+    straight = train(network, cfg, tmp_path / "a")
+    assert straight["epochs"] == 4
+    assert [r["lr"] for r in straight["history"]] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+    def interrupt_after_three(history):  # two epochs without improvement by then
+        if history[-1]["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(network, cfg, tmp_path / "b", on_eval=interrupt_after_three)
+    resumed = train(network, cfg, tmp_path / "b")  # the count of plateaus carried over
+    assert without_timings(resumed["history"]) == without_timings(straight["history"])
 
 
 def test_cosine_schedule_anneals_inside_the_planned_steps():
