@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                 train_and_score(**_paths(args), params=params, world=world)
     except TrainingInterrupted as exc:
         if int(os.environ.get("RANK", 0)) == 0:  # one message, not one per rank
-            print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun `dvc repro` to "
-                  "resume from there", file=sys.stderr)
+            print(f"{args.corpus} {args.model}: interrupted ({exc}); rerun the same command "
+                  "(`dvc repro`, or the make target that started it) to resume from there",
+                  file=sys.stderr)
         sys.exit(exc.exit_code)
 
 
