@@ -111,8 +111,9 @@ reproduce-small reproduce-medium reproduce-wlm: reproduce-%: setup
 	$(call reproduce,$*,lstm2,$(REPRO_$*))
 
 # The converged runs (README, "Converged runs"): each one-layer model on PTB under the
-# `converged` preset (lr / 4 when an epoch gains under 1%, ending at the 4th such epoch), committed as
-# reports/reproductions/ptb-<model>-converged/; tens of minutes each on a 2-core CPU.
+# `converged` preset (lr / 4 after an epoch that gains under 1%; the 4th such epoch ends
+# the run), committed as reports/reproductions/ptb-<model>-converged/; tens of minutes
+# each on a 2-core CPU.
 # Interrupted, the same command resumes exactly from the last resume point.
 converged-window converged-rnn converged-gru converged-lstm: converged-%: setup
 	$(call reproduce,converged,$*,ptb-$*-converged)
