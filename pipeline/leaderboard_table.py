@@ -34,7 +34,13 @@ import pandas as pd
 from pipeline.atomic import write_json, write_text
 from pipeline.dataset import PreparedCorpus
 from pipeline.errors import UserError
-from pipeline.references import ONE_MODEL, REFERENCES_NOTE, compare, protocols_note
+from pipeline.references import (
+    ADDED_SETTINGS,
+    ONE_MODEL,
+    REFERENCES_NOTE,
+    compare,
+    protocols_note,
+)
 
 COLUMNS = [
     "corpus", "model", "family", "description", "size", "size_unit", "valid_ppl", "test_ppl",
@@ -246,7 +252,7 @@ def describe_config(config: str, model: str) -> str:
     lr and clip are in the unit of the run's `loss`."""
     if not config:
         return ""
-    c = json.loads(config)
+    c = {**ADDED_SETTINGS, **json.loads(config)}  # a run from before a setting: its effect
     sizes = f"{c['embedding_size']}/{c['hidden_size']}"
     sizes += f", context {c['context']}" if model == "window" else ""
     schedule = {"plateau": _plateau_rule(c),
@@ -260,8 +266,8 @@ def describe_config(config: str, model: str) -> str:
 
 
 def _plateau_rule(c: dict) -> str:
-    """The plateau schedule of a resolved config in words (keys absent from older runs)."""
-    threshold, stop = c.get("plateau_threshold", 0.0), c.get("stop_after_plateaus", 0)
+    """The plateau schedule of a resolved config in words."""
+    threshold, stop = c["plateau_threshold"], c["stop_after_plateaus"]
     epoch = f"an epoch that gained under {threshold * 100:g}%" if threshold \
         else "an epoch without improvement"
     ends = f", ending at the {_ordinal(stop)} such epoch" if stop else ""
