@@ -9,8 +9,16 @@ import pytest
 
 from pipeline.leaderboard_table import build_table, render_markdown
 from pipeline.page import render_table
+from pipeline.params import load_section
 from pipeline.plots import comparable, plot_curves, plot_published
-from pipeline.references import LAST_EPOCH, REFERENCES, compare, in_time_sum_units
+from pipeline.presets import TrainParams
+from pipeline.references import (
+    BEST_EPOCH_END,
+    LAST_EPOCH,
+    REFERENCES,
+    compare,
+    in_time_sum_units,
+)
 
 # Zaremba et al.'s small model as the `small` preset resolves it for PTB lstm2
 SMALL = {"embedding_size": 200, "hidden_size": 200, "context": 4, "dropout": 0.0,
@@ -49,8 +57,9 @@ def zaremba(size: str):
     return next(r for r in REFERENCES if r.source.startswith(f"Zaremba et al. 2014 ({size})"))
 
 
-def wlm():
-    return next(r for r in REFERENCES if r.source.startswith("PyTorch word_language_model"))
+def wlm(epochs: int = 6):
+    return next(r for r in REFERENCES if r.source.startswith("PyTorch word_language_model")
+                and r.settings["epochs"] == epochs)
 
 
 def test_quick_lstm2_is_context_for_the_wlm_example_without_difference():
@@ -60,6 +69,17 @@ def test_quick_lstm2_is_context_for_the_wlm_example_without_difference():
     for setting in ("epochs", "schedule"):
         assert setting in found.note
     assert "embedding_size" not in found.note  # 200 units, like small
+
+
+@pytest.mark.parametrize(("preset", "epochs", "test"), [("wlm", 6, 110.44), ("wlm40", 40, 87.17)])
+def test_each_wlm_preset_matches_its_own_reference(preset, epochs, test):
+    """The presets as params.yaml resolves them (wlm40 is wlm's settings merged with 40
+    epochs): each is like for like with its README line, and not with the other."""
+    spec = load_section("train", TrainParams).spec("ptb", "lstm2", preset=preset)
+    found = compare(neural(config=spec.flat(), preset=preset, test_ppl=100.0) | {
+        "protocols": {BEST_EPOCH_END: {"test_ppl": 100.0}}})
+    assert found.match and found.reference == wlm(epochs) and found.reference.test == test
+    assert found.difference() == round(100.0 - test, 2)
 
 
 @pytest.mark.parametrize(("size", "config", "test"),
