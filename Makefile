@@ -90,7 +90,7 @@ regression-baseline: setup
 #                     one H200 GPU (hours on a CPU)
 #   reproduce-wlm     PyTorch's word_language_model, `--epochs 6 --tied` (2 x 200): about 25
 #                     minutes on a 2-core CPU
-#   reproduce-wlm40   the same, `--epochs 40 --tied`: about an hour on a 2-core CPU (bf16)
+#   reproduce-wlm40   the same, `--epochs 40 --tied`: about 70 minutes on a 2-core CPU (bf16)
 # then the page of the committed reproductions, reports/reproductions/leaderboard.md
 # ("ours - published" under each paper's selection protocol, pipeline/references.py).
 REPRO_small := zaremba-small
